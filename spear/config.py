@@ -139,6 +139,8 @@ class PoolConfig(Section):
 
 class SmsConfig(Section):
     sync_record_limit: int = Field(default=10_000, ge=1, description="sync records kept")
+    sync_record_bytes: int = Field(default=64 * MiB, ge=0, description="their output + logs")
+    async_queue_limit: int = Field(default=10_000, ge=1, description="accepted, not yet run")
     async_workers: int = Field(default=4, ge=1, description="async executions run at once")
 
 

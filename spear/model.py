@@ -36,8 +36,9 @@ def new_task_id() -> TaskId:
     return TaskId("tk-" + secrets.token_hex(8))
 
 
-def new_execution_id() -> ExecutionId:
-    return ExecutionId("ex-" + secrets.token_hex(10))
+def new_execution_id(now_s: float) -> ExecutionId:
+    """A time-ordered execution id: 48 bits of milliseconds, then 32 random bits."""
+    return ExecutionId(f"ex-{int(now_s * 1000) & 0xFFFFFFFFFFFF:012x}{secrets.token_hex(4)}")
 
 
 def new_node_id() -> NodeId:

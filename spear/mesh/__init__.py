@@ -1,0 +1,1 @@
+"""The gossip mesh (SWIM + Lifeguard) and Raft-lite leadership: arrives with the mesh issue."""

@@ -1,0 +1,146 @@
+"""A spear node: one nursery tree running store → runtimes → Spearlet → SMS → gateway.
+
+On one node the node is always the leader, so the SMS and the gateway run for the node's whole
+life; the mesh issue puts them under a leadership watcher that opens and cancels their scope.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from spear.config import Config
+from spear.errors import SpearError
+from spear.model import new_node_id
+from spear.roles import (
+    ArtifactStore,
+    NodeInfo,
+    SmsState,
+    Spearlet,
+    TaskService,
+    build_app,
+    serve_gateway,
+)
+from spear.runtimes import open_runtime_manager
+from spear.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeHandle:
+    """A running node, as `serve_node` reports it once every service is up."""
+
+    node_id: str
+    name: str
+    http_url: str
+    data_dir: Path
+    service: TaskService
+
+
+def store_path(config: Config) -> Path:
+    if config.store.path:
+        return Path(config.store.path)
+    return config.data_dir / f"store.{config.store.backend}"
+
+
+async def serve_node(
+    config: Config, *, task_status: trio.TaskStatus[NodeHandle] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a node until cancelled; `task_status.started(NodeHandle)` once it serves HTTP."""
+    data_dir = config.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store: Store = await trio.to_thread.run_sync(
+        open_store, config.store.backend, store_path(config).resolve()
+    )
+    try:
+        state = SmsState(store)
+        await trio.to_thread.run_sync(state.load)
+        node_id = state.node_id(new_node_id())
+        artifacts = ArtifactStore(data_dir / "files")
+        async with open_runtime_manager(config.runtimes, data_dir=data_dir) as runtimes:
+            spearlet = Spearlet(
+                node_id=node_id, runtimes=runtimes, limits=config.runtimes, artifacts=artifacts
+            )
+            service = TaskService(
+                config=config.sms, state=state, spearlet=spearlet, artifacts=artifacts
+            )
+            for task in state.tasks():
+                try:
+                    await spearlet.prepare(task)
+                except SpearError as exc:
+                    log.warning("task %s (%s) cannot run on this node: %s", task.name,
+                                task.task_id, exc)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(service.serve_async_workers)
+                info = NodeInfo(
+                    node_id=node_id,
+                    name=config.node.display_name,
+                    http_address=config.gateway.http,
+                    mesh_address=config.mesh.listen,
+                    labels=dict(config.node.labels),
+                    runtimes=runtimes.describe(),
+                )
+                app = build_app(service, info, config.gateway)
+                url = await nursery.start(serve_gateway, app, config.gateway)
+                log.info("node %s (%s) serving %s", info.name, node_id, url)
+                task_status.started(
+                    NodeHandle(
+                        node_id=node_id, name=info.name, http_url=url, data_dir=data_dir,
+                        service=service,
+                    )
+                )
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store.close)
+
+
+def run_node(config: Config) -> int:
+    """Run a node in the foreground until SIGINT or SIGTERM; return the exit code.
+
+    Startup failures (a port in use, a broken store) print one line and return 1.
+    """
+    try:
+        trio.run(_main, config)
+    except* (SpearError, OSError) as group:
+        exc = _first_leaf(group)
+        print(f"spear: {_describe_startup_error(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _main(config: Config) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            handle = await nursery.start(serve_node, config)
+            print(
+                f"spear node {handle.name} ({handle.node_id}) is serving {handle.http_url}"
+                f" (API docs: {handle.http_url}/docs)",
+                flush=True,
+            )
+
+
+async def _cancel_on_signal(signals: trio.abc.ReceiveChannel[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        scope.cancel()
+        return
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _describe_startup_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot start the node:{where} {exc.strerror.lower()}"
+    return str(exc)

@@ -1,0 +1,384 @@
+"""The HTTP gateway: API v1 (DESIGN.md section 6) on hypercorn's trio worker.
+
+The only module that imports hypercorn and FastAPI. Routes stay thin: they parse and check the
+request, call the TaskService, and shape the answer. Every error is JSON
+`{"error": CODE, "message": one sentence, "field": optional}`; client mistakes get a 4xx, and an
+unexpected failure is logged once and answered 500 without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Annotated, Any, Literal
+
+import cbor2
+import trio
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from spear.config import GatewayConfig, parse_hostport
+from spear.errors import (
+    ArtifactError,
+    ConflictError,
+    NotFoundError,
+    PayloadTooLargeError,
+    SpearError,
+    UnavailableError,
+    ValidationError,
+)
+from spear.model import ExecStatus, ExecutionRecord, TaskRecord, TaskSpec
+from spear.roles.sms import TaskService
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+OCTET_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+_STATUS_BY_ERROR: list[tuple[type[SpearError], int]] = [
+    (PayloadTooLargeError, 413),
+    (ValidationError, 422),
+    (ArtifactError, 422),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (UnavailableError, 503),
+]
+_STATUS_BY_OUTCOME = {
+    ExecStatus.SUCCEEDED: 200,
+    ExecStatus.FAILED: 502,
+    ExecStatus.TIMEOUT: 504,
+    ExecStatus.CANCELLED: 409,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeInfo:
+    """What the gateway says about the node serving it."""
+
+    node_id: str
+    name: str
+    http_address: str
+    mesh_address: str
+    labels: dict[str, str] = field(default_factory=dict)
+    runtimes: dict[str, Any] = field(default_factory=dict)
+
+
+class ErrorDoc(BaseModel):
+    error: str
+    message: str
+    field: str | None = None
+
+
+class FileDoc(BaseModel):
+    file_id: str
+    size: int
+    name: str
+    created_at: float
+
+
+class TaskDoc(TaskSpec):
+    task_id: str
+    created_at: float
+
+
+class ExecutionDoc(BaseModel):
+    execution_id: str
+    task_id: str
+    task_name: str
+    mode: Literal["sync", "async"]
+    status: ExecStatus
+    node_id: str | None
+    attempts: int
+    error: dict[str, str] | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    timings: dict[str, float]
+    cold: bool | None
+    exit_code: int | None
+    output_bytes: int
+    idempotency_key: str | None
+
+
+class AcceptedDoc(BaseModel):
+    execution_id: str
+    status: ExecStatus
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorDoc} for code in (400, 404, 409, 413, 422, 503)
+}
+
+
+def _doc(request: Request, doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Answer JSON, or CBOR when the client asks for it with `Accept: application/cbor`."""
+    if "application/cbor" in request.headers.get("accept", ""):
+        return Response(cbor2.dumps(doc), status, headers, media_type="application/cbor")
+    return JSONResponse(doc, status, headers)
+
+
+def _error(status: int, code: str, message: str, *, field: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse(body, status, headers)
+
+
+async def read_body(request: Request, limit: int, setting: str) -> bytes:
+    """The request body, refused with 413 once it exceeds `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ValidationError(f"content-length must be a number, got {declared!r}")
+        if int(declared) > limit:
+            raise PayloadTooLargeError(
+                f"body of {declared} bytes exceeds the limit of {limit} bytes ({setting})"
+            )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"body exceeds the limit of {limit} bytes ({setting})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | None]:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    where = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return 400, f"request body is not valid JSON: {detail}".rstrip(": "), None
+    if first.get("type") == "missing":
+        return 422, f"{where or 'body'} is required", where
+    if first.get("type") == "extra_forbidden":
+        return 422, f"{where} is not a known field", where
+    rule = str(first.get("msg", "is invalid")).replace("Input should be", "must be")
+    rule = rule.replace("Value error, ", "")
+    got = f", got {first['input']!r}" if "input" in first and where else ""
+    message = f"{where} {rule[0].lower()}{rule[1:]}{got}" if where else rule
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return 422, message, where
+
+
+def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> FastAPI:
+    """The gateway's ASGI application."""
+    app = FastAPIOffline(
+        title="spear",
+        version="0.1.0",
+        description="spear HTTP API v1: files, tasks, invocations and executions.",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+    )
+
+    @app.exception_handler(SpearError)
+    async def _spear_error(request: Request, exc: SpearError) -> Response:
+        for kind, status in _STATUS_BY_ERROR:
+            if isinstance(exc, kind):
+                headers = None
+                if isinstance(exc, UnavailableError):
+                    headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+                return _error(status, exc.code, str(exc), field=getattr(exc, "field", None),
+                              headers=headers)
+        log.error("request %s %s failed: %s", request.method, request.url.path, exc)
+        return _error(500, exc.code, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        status, message, where = _describe_validation(exc)
+        return _error(status, "invalid_request", message, field=where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route for {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return _error(exc.status_code, code, message)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("request %s %s failed unexpectedly", request.method, request.url.path)
+        return _error(500, "internal", "the server failed unexpectedly; see the node's log")
+
+    @app.get("/health", tags=["node"])
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "node_id": node.node_id, "name": node.name, "role": "leader"}
+
+    @app.get(f"{API}/cluster", tags=["cluster"])
+    async def cluster(request: Request) -> Response:
+        member = {
+            "node_id": node.node_id,
+            "name": node.name,
+            "state": "alive",
+            "voter": True,
+            "mesh_address": node.mesh_address,
+            "http_address": node.http_address,
+            "runtimes": node.runtimes,
+            "labels": node.labels,
+        }
+        doc = {"leader_id": node.node_id, "term": 1, "voters": [node.node_id], "members": [member]}
+        return _doc(request, doc)
+
+    # --- files ------------------------------------------------------------------------------
+
+    @app.post(f"{API}/files", status_code=201, response_model=FileDoc, responses=ERRORS,
+              openapi_extra=OCTET_BODY, tags=["files"])
+    async def upload_file(request: Request, name: Annotated[str, Query(max_length=256)] = "") -> Response:
+        data = await read_body(request, config.max_upload_bytes, "gateway.max_upload_bytes")
+        return _doc(request, await service.upload_file(data, name=name), 201)
+
+    @app.get(f"{API}/files", tags=["files"])
+    async def list_files(request: Request) -> Response:
+        return _doc(request, {"files": service.list_files()})
+
+    @app.get(f"{API}/files/{{file_id}}", response_model=FileDoc, responses=ERRORS, tags=["files"])
+    async def get_file(request: Request, file_id: str) -> Response:
+        return _doc(request, service.get_file(file_id))
+
+    @app.get(f"{API}/files/{{file_id}}/content", responses=ERRORS, tags=["files"],
+             response_class=Response)
+    async def get_file_content(file_id: str) -> Response:
+        return Response(await service.read_file(file_id), media_type="application/octet-stream")
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    @app.post(f"{API}/tasks", status_code=201, response_model=TaskDoc, responses=ERRORS,
+              tags=["tasks"])
+    async def register_task(request: Request, spec: TaskSpec) -> Response:
+        return _doc(request, (await service.register_task(spec)).to_doc(), 201)
+
+    @app.get(f"{API}/tasks", tags=["tasks"])
+    async def list_tasks(request: Request) -> Response:
+        return _doc(request, {"tasks": [t.to_doc() for t in service.list_tasks()]})
+
+    @app.get(f"{API}/tasks/{{task}}", response_model=TaskDoc, responses=ERRORS, tags=["tasks"])
+    async def get_task(request: Request, task: str) -> Response:
+        return _doc(request, service.get_task(task).to_doc())
+
+    @app.delete(f"{API}/tasks/{{task}}", response_model=TaskDoc, responses=ERRORS, tags=["tasks"])
+    async def delete_task(request: Request, task: str) -> Response:
+        record: TaskRecord = await service.delete_task(task)
+        return _doc(request, record.to_doc())
+
+    @app.post(
+        f"{API}/tasks/{{task}}/invoke",
+        responses={
+            **ERRORS,
+            200: {"description": "the function's output (sync)",
+                  "content": {"application/octet-stream": {}}},
+            202: {"model": AcceptedDoc, "description": "accepted (mode=async)"},
+            502: {"model": ExecutionDoc, "description": "the function failed"},
+            504: {"model": ExecutionDoc, "description": "the function timed out"},
+        },
+        openapi_extra=OCTET_BODY,
+        response_class=Response,
+        tags=["invocations"],
+    )
+    async def invoke(
+        request: Request,
+        task: str,
+        mode: Literal["sync", "async"] = "sync",
+        timeout_ms: Annotated[int | None, Query(ge=1)] = None,
+        idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    ) -> Response:
+        data = await read_body(request, config.max_invoke_body_bytes, "gateway.max_invoke_body_bytes")
+        if mode == "async":
+            record, _ = await service.invoke_async(task, data, idempotency_key=idempotency_key)
+            doc = {"execution_id": record.execution_id, "status": record.status.value}
+            return _doc(request, doc, 202, {"Location": f"{API}/executions/{record.execution_id}"})
+        record, output = await service.invoke_sync(
+            task, data, timeout_ms=timeout_ms, idempotency_key=idempotency_key
+        )
+        headers = _execution_headers(record)
+        if record.status is ExecStatus.SUCCEEDED:
+            return Response(output, 200, headers, media_type="application/octet-stream")
+        return _doc(request, record.to_doc(), _STATUS_BY_OUTCOME[record.status], headers)
+
+    # --- executions -------------------------------------------------------------------------
+
+    @app.get(f"{API}/executions", tags=["executions"])
+    async def list_executions(
+        request: Request,
+        task: str | None = None,
+        status: ExecStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> Response:
+        records = service.list_executions(
+            task=task, status=status.value if status else None, limit=limit
+        )
+        return _doc(request, {"executions": [r.to_doc() for r in records]})
+
+    @app.get(f"{API}/executions/{{execution_id}}", response_model=ExecutionDoc,
+             responses=ERRORS, tags=["executions"])
+    async def get_execution(request: Request, execution_id: str) -> Response:
+        return _doc(request, service.get_execution(execution_id).to_doc())
+
+    @app.get(f"{API}/executions/{{execution_id}}/output", responses=ERRORS,
+             response_class=Response, tags=["executions"])
+    async def get_output(execution_id: str) -> Response:
+        data = await service.execution_blob(execution_id, "output")
+        return Response(data, media_type="application/octet-stream")
+
+    @app.get(f"{API}/executions/{{execution_id}}/logs", responses=ERRORS,
+             response_class=Response, tags=["executions"])
+    async def get_logs(execution_id: str) -> Response:
+        data = await service.execution_blob(execution_id, "logs")
+        return Response(data, media_type="text/plain; charset=utf-8")
+
+    @app.post(f"{API}/executions/{{execution_id}}/cancel", response_model=ExecutionDoc,
+              responses=ERRORS, tags=["executions"])
+    async def cancel(request: Request, execution_id: str) -> Response:
+        return _doc(request, (await service.cancel(execution_id)).to_doc())
+
+    return app
+
+
+def _execution_headers(record: ExecutionRecord) -> dict[str, str]:
+    duration = 0.0
+    if record.finished_at is not None and record.started_at is not None:
+        duration = (record.finished_at - record.started_at) * 1000
+    return {
+        "X-Spear-Execution-Id": record.execution_id,
+        "X-Spear-Status": record.status.value,
+        "X-Spear-Node": record.node_id or "",
+        "X-Spear-Cold-Start": "true" if record.cold else "false",
+        "X-Spear-Duration-Ms": f"{duration:.3f}",
+    }
+
+
+async def serve_gateway(
+    app: FastAPI,
+    config: GatewayConfig,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the gateway until cancelled; `task_status.started(url)` once it listens."""
+    host, port = parse_hostport(config.http)
+    hc = HypercornConfig()
+    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("spear.gateway.hypercorn")  # type: ignore[assignment]
+    hc.keep_alive_max_requests = config.keep_alive_max_requests
+    hc.graceful_timeout = config.graceful_timeout_s
+    async with trio.open_nursery() as nursery:
+        urls: list[str] = await nursery.start(partial(serve, app, hc))
+        task_status.started(urls[0] if urls else f"http://{config.http}")

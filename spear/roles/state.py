@@ -1,0 +1,223 @@
+"""The SMS's durable state machine: tasks, artifact metadata, async executions, idempotency keys.
+
+Every change is a command (a frozen dataclass) applied as one atomic store batch, and a change
+is acknowledged to a client only after `apply` returned (the batch is synced). On a single node
+`apply` is the commit; in the mesh the same commands become Raft log entries that every voter
+applies in order, so `apply` is deterministic: it reads only the command and the state.
+
+Store layout (values are CBOR):
+    task/<task_id>                   task document
+    taskname/<name>                  task_id
+    file/<file_id>                   {"file_id", "size", "name", "created_at"}
+    exec/<execution_id>              execution record (async executions only)
+    execout/<execution_id>           output bytes
+    execin/<execution_id>            input bytes, until the execution ends
+    execlog/<execution_id>           log bytes
+    idem/<task_id>/<sha256(key)>     execution_id
+    meta/node_id                     this node's permanent id
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from spear import wire
+from spear.errors import ConflictError, NotFoundError
+from spear.model import ExecutionId, ExecutionRecord, FileId, TaskId, TaskRecord
+from spear.store import Delete, Put, Store, WriteOp
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegisterTask:
+    record: TaskRecord
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeleteTask:
+    task_id: TaskId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AddFile:
+    file_id: FileId
+    size: int
+    name: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutExecution:
+    """Create or update an async execution record (with its output and logs once finished)."""
+
+    record: ExecutionRecord
+    input: bytes | None = None
+    output: bytes | None = None
+    logs: bytes | None = None
+
+
+Command = RegisterTask | DeleteTask | AddFile | PutExecution
+
+
+def _k(*parts: str) -> bytes:
+    return "/".join(parts).encode()
+
+
+def idempotency_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class SmsState:
+    """The SMS state over a Store, with in-memory indexes of tasks and files.
+
+    Thread-safe: `apply` and the readers take one lock, so callers may run them in worker
+    threads (the store's synced writes block).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._tasks: dict[TaskId, TaskRecord] = {}
+        self._names: dict[str, TaskId] = {}
+        self._files: dict[FileId, dict[str, Any]] = {}
+
+    def load(self) -> None:
+        """Build the in-memory indexes from the store (at start)."""
+        with self._lock:
+            for _, value in self._store.scan(b"task/"):
+                record = TaskRecord.from_doc(wire.loads(value))
+                self._tasks[record.task_id] = record
+                self._names[record.name] = record.task_id
+            for _, value in self._store.scan(b"file/"):
+                doc = wire.loads(value)
+                self._files[FileId(doc["file_id"])] = doc
+
+    # --- commands --------------------------------------------------------------------------
+
+    def apply(self, command: Command) -> None:
+        """Apply one command durably and atomically.
+
+        Raises:
+            ConflictError: a task name is taken.
+            NotFoundError: the task to delete does not exist.
+        """
+        with self._lock:
+            ops = list(self._ops_for(command))
+            self._store.write_batch(ops)
+            self._index(command)
+
+    def _ops_for(self, command: Command) -> Iterable[WriteOp]:
+        match command:
+            case RegisterTask(record=record):
+                if record.name in self._names:
+                    raise ConflictError(f"a task named {record.name!r} already exists")
+                yield Put(_k("task", record.task_id), wire.dumps(record.to_doc()))
+                yield Put(_k("taskname", record.name), record.task_id.encode())
+            case DeleteTask(task_id=task_id):
+                existing = self._tasks.get(task_id)
+                if existing is None:
+                    raise NotFoundError(f"task {task_id!r} does not exist")
+                yield Delete(_k("task", task_id))
+                yield Delete(_k("taskname", existing.name))
+            case AddFile(file_id=file_id):
+                doc = {
+                    "file_id": file_id,
+                    "size": command.size,
+                    "name": command.name,
+                    "created_at": command.created_at,
+                }
+                yield Put(_k("file", file_id), wire.dumps(doc))
+            case PutExecution(record=record):
+                yield Put(_k("exec", record.execution_id), wire.dumps(record.to_doc()))
+                if record.idempotency_key is not None:
+                    key = _k("idem", record.task_id, idempotency_hash(record.idempotency_key))
+                    yield Put(key, record.execution_id.encode())
+                if command.input is not None:
+                    yield Put(_k("execin", record.execution_id), command.input)
+                if record.status.terminal:
+                    yield Delete(_k("execin", record.execution_id))
+                if command.output is not None:
+                    yield Put(_k("execout", record.execution_id), command.output)
+                if command.logs is not None:
+                    yield Put(_k("execlog", record.execution_id), command.logs)
+
+    def _index(self, command: Command) -> None:
+        match command:
+            case RegisterTask(record=record):
+                self._tasks[record.task_id] = record
+                self._names[record.name] = record.task_id
+            case DeleteTask(task_id=task_id):
+                removed = self._tasks.pop(task_id)
+                self._names.pop(removed.name, None)
+            case AddFile(file_id=file_id):
+                self._files[file_id] = {
+                    "file_id": file_id,
+                    "size": command.size,
+                    "name": command.name,
+                    "created_at": command.created_at,
+                }
+            case PutExecution():
+                pass
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def find_task(self, ref: str) -> TaskRecord | None:
+        """A task by id or by unique name."""
+        record = self._tasks.get(TaskId(ref))
+        if record is None and (task_id := self._names.get(ref)) is not None:
+            record = self._tasks.get(task_id)
+        return record
+
+    def tasks(self) -> list[TaskRecord]:
+        return sorted(self._tasks.values(), key=lambda r: (r.created_at, r.task_id))
+
+    def file(self, file_id: str) -> dict[str, Any] | None:
+        return self._files.get(FileId(file_id))
+
+    def files(self) -> list[dict[str, Any]]:
+        return sorted(self._files.values(), key=lambda d: (d["created_at"], d["file_id"]))
+
+    def execution(self, execution_id: str) -> ExecutionRecord | None:
+        with self._lock:
+            raw = self._store.get(_k("exec", execution_id))
+        return None if raw is None else ExecutionRecord.from_doc(wire.loads(raw))
+
+    def executions(self, *, limit: int, before: str | None = None) -> list[ExecutionRecord]:
+        """Async execution records, newest first."""
+        with self._lock:
+            rows = self._store.scan(
+                b"exec/",
+                start_after=_k("exec", before) if before else None,
+                limit=limit,
+                reverse=True,
+            )
+        return [ExecutionRecord.from_doc(wire.loads(v)) for _, v in rows]
+
+    def unfinished_executions(self) -> list[ExecutionRecord]:
+        """Async executions that are pending or were running when the node stopped."""
+        with self._lock:
+            rows = self._store.scan(b"exec/")
+        records = (ExecutionRecord.from_doc(wire.loads(v)) for _, v in rows)
+        return [r for r in records if not r.status.terminal]
+
+    def execution_blob(self, kind: str, execution_id: str) -> bytes | None:
+        """The stored input ("execin"), output ("execout") or logs ("execlog") of an execution."""
+        with self._lock:
+            return self._store.get(_k(kind, execution_id))
+
+    def idempotent_execution(self, task_id: TaskId, key: str) -> ExecutionId | None:
+        with self._lock:
+            raw = self._store.get(_k("idem", task_id, idempotency_hash(key)))
+        return None if raw is None else ExecutionId(raw.decode())
+
+    def node_id(self, new: str) -> str:
+        """This node's permanent id: the stored one, or `new` stored now."""
+        with self._lock:
+            key = b"meta/node_id"
+            self._store.compare_and_set(key, None, new.encode())
+            stored = self._store.get(key)
+        assert stored is not None
+        return stored.decode()
