@@ -329,8 +329,15 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
 
     @app.get(f"{API}/executions/{{execution_id}}", response_model=ExecutionDoc,
              responses=ERRORS, tags=["executions"])
-    async def get_execution(request: Request, execution_id: str) -> Response:
-        return _doc(request, service.get_execution(execution_id).to_doc())
+    async def get_execution(
+        request: Request,
+        execution_id: str,
+        wait_ms: Annotated[
+            int, Query(ge=0, le=60_000, description="long-poll: wait up to this long for the end")
+        ] = 0,
+    ) -> Response:
+        record = await service.wait_execution(execution_id, timeout_s=wait_ms / 1000)
+        return _doc(request, record.to_doc())
 
     @app.get(f"{API}/executions/{{execution_id}}/output", responses=ERRORS,
              response_class=Response, tags=["executions"])

@@ -77,6 +77,7 @@ class TaskService:
             config.async_queue_limit
         )
         self._queued = 0
+        self._waiters: dict[ExecutionId, trio.Event] = {}
 
     @property
     def node_id(self) -> str:
@@ -267,11 +268,13 @@ class TaskService:
                         )
                     )
                 )
+                self._notify(execution_id)
                 return
             if record.attempts >= task.spec.retry.max_attempts:
                 message = "the node stopped while it ran and its attempts are used up"
                 failed = _failed(record, ErrorCode.NODE_LOST, message, self._now())
                 await self._apply(PutExecution(record=failed))
+                self._notify(execution_id)
                 return
             record = replace(
                 record,
@@ -286,6 +289,25 @@ class TaskService:
         final = _finish(record, outcome, self.node_id, self._now())
         async with self._async_lock:
             await self._apply(PutExecution(record=final, output=outcome.output, logs=outcome.logs))
+        self._notify(execution_id)
+
+    def _notify(self, execution_id: ExecutionId) -> None:
+        event = self._waiters.pop(execution_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait_execution(self, execution_id: str, *, timeout_s: float) -> ExecutionRecord:
+        """The execution's record once it has ended, or as it is after `timeout_s`."""
+        record = self.get_execution(execution_id)
+        if record.status.terminal or timeout_s <= 0:
+            return record
+        entry = self._sync.get(record.execution_id)
+        event = entry.done if entry is not None else self._waiters.setdefault(
+            record.execution_id, trio.Event()
+        )
+        with trio.move_on_after(timeout_s):
+            await event.wait()
+        return self.get_execution(execution_id)
 
     async def serve_async_workers(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -364,6 +386,7 @@ class TaskService:
                     finished_at=self._now(),
                 )
                 await self._apply(PutExecution(record=record))
+                self._notify(record.execution_id)
         return record
 
     def statistics(self) -> dict[str, Any]:

@@ -1,0 +1,26 @@
+# Sourced by scripts/demo and scripts/test: make sure the system parts exist, then .venv.
+# Usage: bootstrap_system PACKAGE_FOR_COMMAND...   (pairs "command:debian-package")
+set -euo pipefail
+
+bootstrap_system() {
+  local missing=()
+  python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+  local pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+  done
+  ((${#missing[@]} == 0)) && return 0
+  if [ "$(id -u)" != 0 ]; then
+    echo "spear: missing system packages: run: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "spear: installing ${missing[*]} with apt-get" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+bootstrap_venv() {
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e "$1"
+}

@@ -1,0 +1,96 @@
+"""The quick-start of `spear demo`: upload a WASM function, register it, invoke it, show how.
+
+This package is part of the CLI layer: only `spear.cli` imports it. It talks to the node it
+demonstrates through the public HTTP API (spear.client), as any user would; the CLI runs it in a
+worker thread next to the node's trio loop.
+"""
+
+from __future__ import annotations
+
+import shlex
+from importlib import resources
+from typing import TextIO
+
+import wasmtime
+
+from spear.client import Doc, SpearClient
+from spear.errors import ConflictError, SpearError
+
+TASK_NAME = "upper"
+DEMO_INPUT = b"hello from spear"
+DESCRIPTION = "spear demo: upper-cases its input"
+
+
+class DemoError(SpearError):
+    """The demo function did not produce the expected result."""
+
+    code = "demo_failed"
+
+
+def upper_wasm() -> bytes:
+    """The demo function, `upper.wat` compiled to a WASM binary (a WASI command module)."""
+    wat = resources.files(__name__).joinpath("upper.wat").read_text(encoding="utf-8")
+    return bytes(wasmtime.wat2wasm(wat))
+
+
+def run_demo(base_url: str, out: TextIO) -> None:
+    """Upload, register (or reuse) and invoke the demo function on `base_url`, reporting to `out`.
+
+    Raises:
+        SpearError: a request failed, or the function did not succeed (DemoError).
+    """
+    with SpearClient(base_url) as client:
+        file = client.upload_file(upper_wasm(), name="upper.wasm")
+        print(f"uploaded upper.wasm      file {file['file_id']} ({file['size']} bytes)", file=out)
+        task, how = _ensure_task(client, str(file["file_id"]))
+        print(f"{how:<24} task {task['name']} ({task['task_id']}, wasm, per-call)", file=out)
+        result = client.invoke(TASK_NAME, DEMO_INPUT)
+    if not result.succeeded:
+        error = (result.record or {}).get("error") or {}
+        raise DemoError(
+            f"the demo function {result.status} ({error.get('code', 'no error code')}: "
+            f"{error.get('message', 'no message')}); see `spear executions logs "
+            f"{result.execution_id} --server {base_url}`"
+        )
+    cold = "cold start" if result.cold else "warm"
+    duration = f"{result.duration_ms:.1f} ms" if result.duration_ms is not None else "-"
+    print(f"invoked {TASK_NAME} with      {DEMO_INPUT.decode()!r}", file=out)
+    print(f"  output                 {result.output.decode(errors='replace')!r}", file=out)
+    print(f"  execution              {result.execution_id} {result.status} on "
+          f"{result.node_id or '-'} ({cold}, {duration})", file=out)
+    print_next_steps(base_url, out)
+
+
+def print_next_steps(base_url: str, out: TextIO) -> None:
+    """The gateway, the API docs and commands to try against the running demo."""
+    data = shlex.quote("hi there")
+    print(f"""
+gateway   {base_url}
+API docs  {base_url}/docs
+
+try:
+  curl --data {data} {base_url}/api/v1/tasks/{TASK_NAME}/invoke
+  spear invoke {TASK_NAME} --data {data} --server {base_url}
+  spear executions list --server {base_url}
+
+serving until Ctrl-C""", file=out, flush=True)
+
+
+def _ensure_task(client: SpearClient, file_id: str) -> tuple[Doc, str]:
+    """The demo task, registered now or reused from an earlier run with the same data dir."""
+    spec = {"name": TASK_NAME, "runtime": "wasm", "mode": "per-call", "artifact": file_id,
+            "description": DESCRIPTION}
+    try:
+        return client.register_task(spec), "registered"
+    except ConflictError:
+        existing = client.get_task(TASK_NAME)
+    if existing.get("artifact") == file_id and existing.get("runtime") == "wasm":
+        return existing, "reused"
+    if existing.get("description") != DESCRIPTION:
+        raise ConflictError(
+            f"task {TASK_NAME!r} already exists and is not the demo's; delete it (`spear tasks "
+            f"delete {TASK_NAME}`) or give the demo another --data-dir"
+        )
+    # The demo's own task from an older version of upper.wat: replace it.
+    client.delete_task(TASK_NAME)
+    return client.register_task(spec), "replaced"
