@@ -135,10 +135,15 @@ class SpearClient:
     # --- files ----------------------------------------------------------------------------
 
     def upload_file(self, data: bytes | IO[bytes], *, name: str | None = None) -> Doc:
-        """Upload an artifact (bytes or a binary file, streamed); the same bytes give the same id."""
+        """Upload an artifact (bytes, or a binary file streamed); equal bytes get equal ids."""
         params = {"name": name} if name else None
-        return self._json("POST", f"{API}/files", content=data, params=params,
-                          headers={"Content-Type": "application/octet-stream"})
+        return self._json(
+            "POST",
+            f"{API}/files",
+            content=data,
+            params=params,
+            headers={"Content-Type": "application/octet-stream"},
+        )
 
     def list_files(self) -> list[Doc]:
         return _items(self._json("GET", f"{API}/files"), "files")
@@ -181,7 +186,7 @@ class SpearClient:
             content=data,
             params=_params(timeout_ms=timeout_ms),
             headers=_invoke_headers(idempotency_key),
-            timeout=httpx.Timeout(self.timeout_s, read=wait_s + self.timeout_s),
+            timeout=self._waiting(wait_s),
             ok=(200, 502, 504),
         )
         headers = response.headers
@@ -224,8 +229,15 @@ class SpearClient:
         params = _params(task=task, status=status, limit=limit)
         return _items(self._json("GET", f"{API}/executions", params=params), "executions")
 
-    def get_execution(self, execution_id: str) -> Doc:
-        return self._json("GET", f"{API}/executions/{_seg(execution_id)}")
+    def get_execution(self, execution_id: str, *, wait_ms: int | None = None) -> Doc:
+        """The execution record; with `wait_ms`, the server holds the answer until the
+        execution ends or that long has passed (a long poll, at most 60 000 ms)."""
+        return self._json(
+            "GET",
+            f"{API}/executions/{_seg(execution_id)}",
+            params=_params(wait_ms=wait_ms),
+            timeout=self._waiting((wait_ms or 0) / 1000),
+        )
 
     def execution_output(self, execution_id: str) -> bytes:
         return self._request("GET", f"{API}/executions/{_seg(execution_id)}/output").content
@@ -237,6 +249,10 @@ class SpearClient:
         return self._json("POST", f"{API}/executions/{_seg(execution_id)}/cancel")
 
     # --- plumbing -------------------------------------------------------------------------
+
+    def _waiting(self, wait_s: float) -> httpx.Timeout:
+        """Timeouts for a request the server may hold for `wait_s` before answering."""
+        return httpx.Timeout(self.timeout_s, read=wait_s + self.timeout_s)
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Doc:
         return _object(self._request(method, path, **kwargs))
@@ -292,8 +308,11 @@ def _object(response: httpx.Response) -> Doc:
 def _items(doc: Doc, key: str) -> list[Doc]:
     items = doc.get(key)
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        raise ApiError(f"the server's answer has no list of objects under {key!r}",
-                       status=200, code="bad_response")
+        raise ApiError(
+            f"the server's answer has no list of objects under {key!r}",
+            status=200,
+            code="bad_response",
+        )
     return items
 
 
@@ -306,8 +325,9 @@ def _error_from(response: httpx.Response, base_url: str) -> SpearError:
         body = None
     if not (isinstance(body, dict) and isinstance(body.get("message"), str)):
         phrase = response.reason_phrase or "error"
-        return ApiError(f"spear at {base_url} answered {status} {phrase}", status=status,
-                        code="http_error")
+        return ApiError(
+            f"spear at {base_url} answered {status} {phrase}", status=status, code="http_error"
+        )
     code = str(body.get("error", "http_error"))
     message: str = body["message"]
     kind = _ERROR_BY_CODE.get(code) or _ERROR_BY_STATUS.get(status)

@@ -111,7 +111,9 @@ class TaskSpec(_Spec):
     command: list[str] = Field(default_factory=list, max_length=256)
     image: str | None = Field(default=None, min_length=1, max_length=256)
     env: dict[str, str] = Field(default_factory=dict)
-    timeout_ms: int | None = Field(default=None, ge=1, description="default: runtimes.default_timeout_ms")
+    timeout_ms: int | None = Field(
+        default=None, ge=1, description="default: runtimes.default_timeout_ms"
+    )
     memory_limit_bytes: int | None = Field(
         default=None, ge=65536, description="default: runtimes.default_memory_limit_bytes"
     )

@@ -74,8 +74,9 @@ async def serve_node(
                 try:
                     await spearlet.prepare(task)
                 except SpearError as exc:
-                    log.warning("task %s (%s) cannot run on this node: %s", task.name,
-                                task.task_id, exc)
+                    log.warning(
+                        "task %s (%s) cannot run on this node: %s", task.name, task.task_id, exc
+                    )
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.serve_async_workers)
                 info = NodeInfo(
@@ -91,7 +92,10 @@ async def serve_node(
                 log.info("node %s (%s) serving %s", info.name, node_id, url)
                 task_status.started(
                     NodeHandle(
-                        node_id=node_id, name=info.name, http_url=url, data_dir=data_dir,
+                        node_id=node_id,
+                        name=info.name,
+                        http_url=url,
+                        data_dir=data_dir,
                         service=service,
                     )
                 )
@@ -105,11 +109,13 @@ def run_node(config: Config) -> int:
 
     Startup failures (a port in use, a broken store) print one line and return 1.
     """
+    failure: BaseException | None = None
     try:
         trio.run(_main, config)
     except* (SpearError, OSError) as group:
-        exc = _first_leaf(group)
-        print(f"spear: {_describe_startup_error(exc)}", file=sys.stderr)
+        failure = _first_leaf(group)
+    if failure is not None:
+        print(f"spear: {_describe_startup_error(failure)}", file=sys.stderr)
         return 1
     return 0
 

@@ -41,30 +41,34 @@ def run_demo(base_url: str, out: TextIO) -> None:
     """
     with SpearClient(base_url) as client:
         file = client.upload_file(upper_wasm(), name="upper.wasm")
-        print(f"uploaded upper.wasm      file {file['file_id']} ({file['size']} bytes)", file=out)
+        _say(out, "uploaded upper.wasm", f"file {file['file_id']} ({file['size']} bytes)")
         task, how = _ensure_task(client, str(file["file_id"]))
-        print(f"{how:<24} task {task['name']} ({task['task_id']}, wasm, per-call)", file=out)
+        _say(out, f"{how} task {TASK_NAME}", f"{task['task_id']} (wasm, per-call)")
         result = client.invoke(TASK_NAME, DEMO_INPUT)
     if not result.succeeded:
         error = (result.record or {}).get("error") or {}
         raise DemoError(
             f"the demo function {result.status} ({error.get('code', 'no error code')}: "
-            f"{error.get('message', 'no message')}); see `spear executions logs "
-            f"{result.execution_id} --server {base_url}`"
+            f"{error.get('message', 'no message')}; execution {result.execution_id})"
         )
     cold = "cold start" if result.cold else "warm"
-    duration = f"{result.duration_ms:.1f} ms" if result.duration_ms is not None else "-"
-    print(f"invoked {TASK_NAME} with      {DEMO_INPUT.decode()!r}", file=out)
-    print(f"  output                 {result.output.decode(errors='replace')!r}", file=out)
-    print(f"  execution              {result.execution_id} {result.status} on "
-          f"{result.node_id or '-'} ({cold}, {duration})", file=out)
+    duration = "-" if result.duration_ms is None else f"{result.duration_ms:.1f} ms"
+    _say(out, f"invoked {TASK_NAME}", repr(DEMO_INPUT.decode()))
+    _say(out, "  output", repr(result.output.decode(errors="replace")))
+    where = f"on {result.node_id or '-'} ({cold}, {duration})"
+    _say(out, "  execution", f"{result.execution_id} {result.status} {where}")
     print_next_steps(base_url, out)
+
+
+def _say(out: TextIO, label: str, text: str) -> None:
+    print(f"{label:<26}{text}", file=out, flush=True)
 
 
 def print_next_steps(base_url: str, out: TextIO) -> None:
     """The gateway, the API docs and commands to try against the running demo."""
     data = shlex.quote("hi there")
-    print(f"""
+    print(
+        f"""
 gateway   {base_url}
 API docs  {base_url}/docs
 
@@ -73,13 +77,21 @@ try:
   spear invoke {TASK_NAME} --data {data} --server {base_url}
   spear executions list --server {base_url}
 
-serving until Ctrl-C""", file=out, flush=True)
+serving until Ctrl-C""",
+        file=out,
+        flush=True,
+    )
 
 
 def _ensure_task(client: SpearClient, file_id: str) -> tuple[Doc, str]:
     """The demo task, registered now or reused from an earlier run with the same data dir."""
-    spec = {"name": TASK_NAME, "runtime": "wasm", "mode": "per-call", "artifact": file_id,
-            "description": DESCRIPTION}
+    spec = {
+        "name": TASK_NAME,
+        "runtime": "wasm",
+        "mode": "per-call",
+        "artifact": file_id,
+        "description": DESCRIPTION,
+    }
     try:
         return client.register_task(spec), "registered"
     except ConflictError:

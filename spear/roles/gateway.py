@@ -121,15 +121,23 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _doc(request: Request, doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def _doc(
+    request: Request, doc: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     """Answer JSON, or CBOR when the client asks for it with `Accept: application/cbor`."""
     if "application/cbor" in request.headers.get("accept", ""):
         return Response(cbor2.dumps(doc), status, headers, media_type="application/cbor")
     return JSONResponse(doc, status, headers)
 
 
-def _error(status: int, code: str, message: str, *, field: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body: dict[str, Any] = {"error": code, "message": message}
     if field is not None:
         body["field"] = field
@@ -194,8 +202,9 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
                 headers = None
                 if isinstance(exc, UnavailableError):
                     headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-                return _error(status, exc.code, str(exc), field=getattr(exc, "field", None),
-                              headers=headers)
+                return _error(
+                    status, exc.code, str(exc), field=getattr(exc, "field", None), headers=headers
+                )
         log.error("request %s %s failed: %s", request.method, request.url.path, exc)
         return _error(500, exc.code, str(exc))
 
@@ -240,9 +249,17 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
 
     # --- files ------------------------------------------------------------------------------
 
-    @app.post(f"{API}/files", status_code=201, response_model=FileDoc, responses=ERRORS,
-              openapi_extra=OCTET_BODY, tags=["files"])
-    async def upload_file(request: Request, name: Annotated[str, Query(max_length=256)] = "") -> Response:
+    @app.post(
+        f"{API}/files",
+        status_code=201,
+        response_model=FileDoc,
+        responses=ERRORS,
+        openapi_extra=OCTET_BODY,
+        tags=["files"],
+    )
+    async def upload_file(
+        request: Request, name: Annotated[str, Query(max_length=256)] = ""
+    ) -> Response:
         data = await read_body(request, config.max_upload_bytes, "gateway.max_upload_bytes")
         return _doc(request, await service.upload_file(data, name=name), 201)
 
@@ -254,15 +271,20 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
     async def get_file(request: Request, file_id: str) -> Response:
         return _doc(request, service.get_file(file_id))
 
-    @app.get(f"{API}/files/{{file_id}}/content", responses=ERRORS, tags=["files"],
-             response_class=Response)
+    @app.get(
+        f"{API}/files/{{file_id}}/content",
+        responses=ERRORS,
+        tags=["files"],
+        response_class=Response,
+    )
     async def get_file_content(file_id: str) -> Response:
         return Response(await service.read_file(file_id), media_type="application/octet-stream")
 
     # --- tasks ------------------------------------------------------------------------------
 
-    @app.post(f"{API}/tasks", status_code=201, response_model=TaskDoc, responses=ERRORS,
-              tags=["tasks"])
+    @app.post(
+        f"{API}/tasks", status_code=201, response_model=TaskDoc, responses=ERRORS, tags=["tasks"]
+    )
     async def register_task(request: Request, spec: TaskSpec) -> Response:
         return _doc(request, (await service.register_task(spec)).to_doc(), 201)
 
@@ -283,8 +305,10 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
         f"{API}/tasks/{{task}}/invoke",
         responses={
             **ERRORS,
-            200: {"description": "the function's output (sync)",
-                  "content": {"application/octet-stream": {}}},
+            200: {
+                "description": "the function's output (sync)",
+                "content": {"application/octet-stream": {}},
+            },
             202: {"model": AcceptedDoc, "description": "accepted (mode=async)"},
             502: {"model": ExecutionDoc, "description": "the function failed"},
             504: {"model": ExecutionDoc, "description": "the function timed out"},
@@ -300,7 +324,9 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
         timeout_ms: Annotated[int | None, Query(ge=1)] = None,
         idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
     ) -> Response:
-        data = await read_body(request, config.max_invoke_body_bytes, "gateway.max_invoke_body_bytes")
+        data = await read_body(
+            request, config.max_invoke_body_bytes, "gateway.max_invoke_body_bytes"
+        )
         if mode == "async":
             record, _ = await service.invoke_async(task, data, idempotency_key=idempotency_key)
             doc = {"execution_id": record.execution_id, "status": record.status.value}
@@ -327,8 +353,12 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
         )
         return _doc(request, {"executions": [r.to_doc() for r in records]})
 
-    @app.get(f"{API}/executions/{{execution_id}}", response_model=ExecutionDoc,
-             responses=ERRORS, tags=["executions"])
+    @app.get(
+        f"{API}/executions/{{execution_id}}",
+        response_model=ExecutionDoc,
+        responses=ERRORS,
+        tags=["executions"],
+    )
     async def get_execution(
         request: Request,
         execution_id: str,
@@ -339,20 +369,32 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
         record = await service.wait_execution(execution_id, timeout_s=wait_ms / 1000)
         return _doc(request, record.to_doc())
 
-    @app.get(f"{API}/executions/{{execution_id}}/output", responses=ERRORS,
-             response_class=Response, tags=["executions"])
+    @app.get(
+        f"{API}/executions/{{execution_id}}/output",
+        responses=ERRORS,
+        response_class=Response,
+        tags=["executions"],
+    )
     async def get_output(execution_id: str) -> Response:
         data = await service.execution_blob(execution_id, "output")
         return Response(data, media_type="application/octet-stream")
 
-    @app.get(f"{API}/executions/{{execution_id}}/logs", responses=ERRORS,
-             response_class=Response, tags=["executions"])
+    @app.get(
+        f"{API}/executions/{{execution_id}}/logs",
+        responses=ERRORS,
+        response_class=Response,
+        tags=["executions"],
+    )
     async def get_logs(execution_id: str) -> Response:
         data = await service.execution_blob(execution_id, "logs")
         return Response(data, media_type="text/plain; charset=utf-8")
 
-    @app.post(f"{API}/executions/{{execution_id}}/cancel", response_model=ExecutionDoc,
-              responses=ERRORS, tags=["executions"])
+    @app.post(
+        f"{API}/executions/{{execution_id}}/cancel",
+        response_model=ExecutionDoc,
+        responses=ERRORS,
+        tags=["executions"],
+    )
     async def cancel(request: Request, execution_id: str) -> Response:
         return _doc(request, (await service.cancel(execution_id)).to_doc())
 

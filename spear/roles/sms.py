@@ -93,7 +93,9 @@ class TaskService:
         existing = self._state.file(file_id)
         if existing is not None:
             return existing
-        await self._apply(AddFile(file_id=file_id, size=len(data), name=name, created_at=self._now()))
+        await self._apply(
+            AddFile(file_id=file_id, size=len(data), name=name, created_at=self._now())
+        )
         doc = self._state.file(file_id)
         assert doc is not None
         return doc
@@ -302,8 +304,10 @@ class TaskService:
         if record.status.terminal or timeout_s <= 0:
             return record
         entry = self._sync.get(record.execution_id)
-        event = entry.done if entry is not None else self._waiters.setdefault(
-            record.execution_id, trio.Event()
+        event = (
+            entry.done
+            if entry is not None
+            else self._waiters.setdefault(record.execution_id, trio.Event())
         )
         with trio.move_on_after(timeout_s):
             await event.wait()
@@ -398,7 +402,9 @@ class TaskService:
         }
 
 
-def _finish(record: ExecutionRecord, outcome: RunOutcome, node_id: str, now: float) -> ExecutionRecord:
+def _finish(
+    record: ExecutionRecord, outcome: RunOutcome, node_id: str, now: float
+) -> ExecutionRecord:
     error = None
     if outcome.error_code is not None:
         error = {"code": outcome.error_code.value, "message": outcome.error_message or ""}
@@ -415,13 +421,10 @@ def _finish(record: ExecutionRecord, outcome: RunOutcome, node_id: str, now: flo
     )
 
 
-def _failed(
-    record: ExecutionRecord, code: ErrorCode, message: str, now: float
-) -> ExecutionRecord:
+def _failed(record: ExecutionRecord, code: ErrorCode, message: str, now: float) -> ExecutionRecord:
     return replace(
         record,
         status=ExecStatus.FAILED,
         error={"code": code.value, "message": message},
         finished_at=now,
     )
-

@@ -17,9 +17,9 @@ _WASI = """
   (memory (export "memory") 1)
 """
 WAT = {
-    "exit3": f"(module {_WASI} (func (export \"_start\") (call $proc_exit (i32.const 3))))",
-    "trap": f"(module {_WASI} (func (export \"_start\") unreachable))",
-    "spin": f"(module {_WASI} (func (export \"_start\") (loop $l (br $l))))",
+    "exit3": f'(module {_WASI} (func (export "_start") (call $proc_exit (i32.const 3))))',
+    "trap": f'(module {_WASI} (func (export "_start") unreachable))',
+    "spin": f'(module {_WASI} (func (export "_start") (loop $l (br $l))))',
     "grow": f"""(module {_WASI}
       (func (export "_start")
         (loop $l
@@ -33,7 +33,7 @@ WAT = {
         (loop $l
           (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
           (br $l))))""",
-    "noentry": "(module (memory (export \"memory\") 1) (func (export \"main\")))",
+    "noentry": '(module (memory (export "memory") 1) (func (export "main")))',
 }
 
 
@@ -57,6 +57,8 @@ async def register(api: httpx.AsyncClient, **spec: Any) -> dict[str, Any]:
     return doc
 
 
-async def register_wasm(api: httpx.AsyncClient, name: str, module: str, **spec: Any) -> dict[str, Any]:
+async def register_wasm(
+    api: httpx.AsyncClient, name: str, module: str, **spec: Any
+) -> dict[str, Any]:
     file_id = await upload(api, wasm(module))
     return await register(api, name=name, runtime="wasm", artifact=file_id, **spec)

@@ -13,10 +13,9 @@ import trio
 from spear.config import load_config
 from spear.node import NodeHandle, serve_node
 
+
 @pytest.fixture
-async def start_node(
-    tmp_path: Path, nursery: trio.Nursery
-) -> AsyncIterator[Callable[..., Any]]:
+async def start_node(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]:
     """Start nodes in this test's nursery: `await start_node(**dotted_overrides)`."""
 
     async def start(**overrides: Any) -> NodeHandle:
@@ -26,7 +25,9 @@ async def start_node(
             "mesh.listen": "127.0.0.1:0",
         }
         settings |= {key.replace("__", "."): value for key, value in overrides.items()}
-        handle: NodeHandle = await nursery.start(serve_node, load_config(env={}, overrides=settings))
+        handle: NodeHandle = await nursery.start(
+            serve_node, load_config(env={}, overrides=settings)
+        )
         return handle
 
     yield start

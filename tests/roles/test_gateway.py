@@ -29,8 +29,12 @@ async def test_health_and_cluster(api: httpx.AsyncClient, node: NodeHandle) -> N
 async def test_openapi_is_valid_and_docs_are_served_offline(api: httpx.AsyncClient) -> None:
     spec = (await api.get("/api/openapi.json")).json()
     validate(spec)
-    for path in ("/api/v1/files", "/api/v1/tasks", "/api/v1/tasks/{task}/invoke",
-                 "/api/v1/executions/{execution_id}/output"):
+    for path in (
+        "/api/v1/files",
+        "/api/v1/tasks",
+        "/api/v1/tasks/{task}/invoke",
+        "/api/v1/executions/{execution_id}/output",
+    ):
         assert path in spec["paths"]
     page = await api.get("/docs")
     assert page.status_code == 200
@@ -60,15 +64,18 @@ async def test_task_lifecycle_by_id_and_name(api: httpx.AsyncClient) -> None:
     assert (await api.get(f"/api/v1/tasks/{task_id}")).json() == doc
     assert (await api.get("/api/v1/tasks/upper")).json() == doc
     assert [t["task_id"] for t in (await api.get("/api/v1/tasks")).json()["tasks"]] == [task_id]
-    dup = await api.post("/api/v1/tasks", json={"name": "upper", "runtime": "wasm",
-                                                "artifact": doc["artifact"]})
+    dup = await api.post(
+        "/api/v1/tasks", json={"name": "upper", "runtime": "wasm", "artifact": doc["artifact"]}
+    )
     assert dup.status_code == 409 and dup.json()["error"] == "conflict"
     assert (await api.delete("/api/v1/tasks/upper")).json()["task_id"] == task_id
     gone = await api.get(f"/api/v1/tasks/{task_id}")
     assert gone.status_code == 404 and "does not exist" in gone.json()["message"]
 
 
-async def test_sync_invoke_returns_output_and_headers(api: httpx.AsyncClient, node: NodeHandle) -> None:
+async def test_sync_invoke_returns_output_and_headers(
+    api: httpx.AsyncClient, node: NodeHandle
+) -> None:
     await register_wasm(api, "upper", "upper")
     resp = await api.post("/api/v1/tasks/upper/invoke", content=b"hello, spear")
     assert resp.status_code == 200
@@ -86,12 +93,12 @@ async def test_sync_invoke_returns_output_and_headers(api: httpx.AsyncClient, no
 
 async def test_async_invoke_and_long_poll(api: httpx.AsyncClient) -> None:
     await register_wasm(api, "upper", "upper")
-    accepted = await api.post("/api/v1/tasks/upper/invoke", params={"mode": "async"},
-                              content=b"later")
+    accepted = await api.post(
+        "/api/v1/tasks/upper/invoke", params={"mode": "async"}, content=b"later"
+    )
     assert accepted.status_code == 202
     execution_id = accepted.json()["execution_id"]
-    record = (await api.get(f"/api/v1/executions/{execution_id}",
-                            params={"wait_ms": 20000})).json()
+    record = (await api.get(f"/api/v1/executions/{execution_id}", params={"wait_ms": 20000})).json()
     assert record["status"] == "succeeded" and record["attempts"] == 1
     assert (await api.get(f"/api/v1/executions/{execution_id}/output")).content == b"LATER"
     listed = (await api.get("/api/v1/executions", params={"task": "upper"})).json()
@@ -99,14 +106,18 @@ async def test_async_invoke_and_long_poll(api: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-async def test_idempotency_key_returns_the_first_execution(api: httpx.AsyncClient, mode: str) -> None:
+async def test_idempotency_key_returns_the_first_execution(
+    api: httpx.AsyncClient, mode: str
+) -> None:
     await register_wasm(api, "upper", "upper")
     headers = {"Idempotency-Key": "order-42"}
     params = {"mode": mode}
-    first = await api.post("/api/v1/tasks/upper/invoke", content=b"a", headers=headers,
-                           params=params)
-    again = await api.post("/api/v1/tasks/upper/invoke", content=b"b", headers=headers,
-                           params=params)
+    first = await api.post(
+        "/api/v1/tasks/upper/invoke", content=b"a", headers=headers, params=params
+    )
+    again = await api.post(
+        "/api/v1/tasks/upper/invoke", content=b"b", headers=headers, params=params
+    )
     if mode == "sync":
         assert first.headers["x-spear-execution-id"] == again.headers["x-spear-execution-id"]
         assert again.content == b"A"
@@ -126,7 +137,11 @@ async def test_idempotency_key_returns_the_first_execution(api: httpx.AsyncClien
     ],
 )
 async def test_function_failures_are_records_not_crashes(
-    api: httpx.AsyncClient, module: str, spec: dict[str, Any], http_status: int, status: str,
+    api: httpx.AsyncClient,
+    module: str,
+    spec: dict[str, Any],
+    http_status: int,
+    status: str,
     code: str,
 ) -> None:
     await register_wasm(api, module, module, **spec)
@@ -161,8 +176,9 @@ async def test_process_task(api: httpx.AsyncClient) -> None:
     await register(api, name="cat", runtime="process", command=["/bin/cat"])
     resp = await api.post("/api/v1/tasks/cat/invoke", content=b"as is")
     assert (resp.status_code, resp.content) == (200, b"as is")
-    await register(api, name="fail", runtime="process",
-                   command=["/bin/sh", "-c", "echo oops >&2; exit 4"])
+    await register(
+        api, name="fail", runtime="process", command=["/bin/sh", "-c", "echo oops >&2; exit 4"]
+    )
     resp = await api.post("/api/v1/tasks/fail/invoke")
     assert resp.status_code == 502
     record = resp.json()
@@ -173,12 +189,12 @@ async def test_process_task(api: httpx.AsyncClient) -> None:
 
 async def test_cancel_a_running_async_execution(api: httpx.AsyncClient) -> None:
     await register_wasm(api, "spin", "spin", timeout_ms=600_000)
-    execution_id = (await api.post("/api/v1/tasks/spin/invoke",
-                                   params={"mode": "async"})).json()["execution_id"]
+    execution_id = (await api.post("/api/v1/tasks/spin/invoke", params={"mode": "async"})).json()[
+        "execution_id"
+    ]
     cancelled = await api.post(f"/api/v1/executions/{execution_id}/cancel")
     assert cancelled.status_code == 200
-    record = (await api.get(f"/api/v1/executions/{execution_id}",
-                            params={"wait_ms": 20000})).json()
+    record = (await api.get(f"/api/v1/executions/{execution_id}", params={"wait_ms": 20000})).json()
     assert record["status"] == "cancelled"
     again = await api.post(f"/api/v1/executions/{execution_id}/cancel")
     assert again.status_code == 409
@@ -196,23 +212,63 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("POST", "/api/v1/tasks/nope/invoke", {"content": b"x"}, 404, "task 'nope' does not exist"),
     ("GET", "/api/v1/executions/ex-0", {}, 404, "execution 'ex-0' does not exist"),
     ("GET", "/api/v1/files/abc", {}, 404, "file 'abc' does not exist"),
-    ("POST", "/api/v1/tasks", {"content": b"{not json", "headers": {"content-type": "application/json"}},
-     400, "request body is not valid JSON"),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"content": b"{not json", "headers": {"content-type": "application/json"}},
+        400,
+        "request body is not valid JSON",
+    ),
     ("POST", "/api/v1/tasks", {"json": {"runtime": "wasm"}}, 422, "name is required"),
-    ("POST", "/api/v1/tasks", {"json": {"name": "x", "runtime": "wasm", "timeout_ms": "soon"}},
-     422, "timeout_ms must be a valid integer"),
-    ("POST", "/api/v1/tasks", {"json": {"name": "x", "runtime": "cobol"}}, 422,
-     "runtime must be 'wasm', 'process' or 'docker', got 'cobol'"),
-    ("POST", "/api/v1/tasks", {"json": {"name": "x", "runtime": "wasm"}}, 422,
-     "runtime 'wasm' needs an artifact"),
-    ("POST", "/api/v1/tasks", {"json": {"name": "x", "runtime": "process", "command": ["a"],
-                                        "colour": "red"}}, 422, "colour is not a known field"),
-    ("POST", "/api/v1/tasks", {"json": {"name": "x", "runtime": "wasm", "artifact": "0" * 64}},
-     422, "was not uploaded"),
-    ("POST", "/api/v1/tasks", {"json": {"name": "x", "runtime": "docker", "image": "a:b"}}, 422,
-     "docker"),
-    ("POST", "/api/v1/tasks", {"json": {"name": "tk-x", "runtime": "process", "command": ["a"]}},
-     422, "may not start with 'tk-'"),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"json": {"name": "x", "runtime": "wasm", "timeout_ms": "soon"}},
+        422,
+        "timeout_ms must be a valid integer",
+    ),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"json": {"name": "x", "runtime": "cobol"}},
+        422,
+        "runtime must be 'wasm', 'process' or 'docker', got 'cobol'",
+    ),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"json": {"name": "x", "runtime": "wasm"}},
+        422,
+        "runtime 'wasm' needs an artifact",
+    ),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"json": {"name": "x", "runtime": "process", "command": ["a"], "colour": "red"}},
+        422,
+        "colour is not a known field",
+    ),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"json": {"name": "x", "runtime": "wasm", "artifact": "0" * 64}},
+        422,
+        "was not uploaded",
+    ),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"json": {"name": "x", "runtime": "docker", "image": "a:b"}},
+        422,
+        "docker",
+    ),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"json": {"name": "tk-x", "runtime": "process", "command": ["a"]}},
+        422,
+        "may not start with 'tk-'",
+    ),
     ("POST", "/api/v1/tasks/upper/invoke", {"params": {"mode": "later"}}, 422, "mode must be"),
     ("GET", "/api/v1/nowhere", {}, 404, "no route for GET /api/v1/nowhere"),
     ("PUT", "/api/v1/tasks", {}, 405, "method PUT is not allowed"),
@@ -221,7 +277,11 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
 
 @pytest.mark.parametrize(("method", "path", "kwargs", "status", "message"), BAD_REQUESTS)
 async def test_bad_requests_get_clear_json_errors(
-    api: httpx.AsyncClient, method: str, path: str, kwargs: dict[str, Any], status: int,
+    api: httpx.AsyncClient,
+    method: str,
+    path: str,
+    kwargs: dict[str, Any],
+    status: int,
     message: str,
 ) -> None:
     await register_wasm(api, "upper", "upper")
@@ -241,12 +301,14 @@ async def test_bad_artifacts_and_oversized_bodies(start_node: Callable[..., Any]
         big = await api.post("/api/v1/files", content=b"x" * 5000)
         assert big.status_code == 413 and "gateway.max_upload_bytes" in big.json()["message"]
         not_wasm = await upload(api, b"#!/bin/sh\necho hi\n")
-        resp = await api.post("/api/v1/tasks", json={"name": "w", "runtime": "wasm",
-                                                     "artifact": not_wasm})
+        resp = await api.post(
+            "/api/v1/tasks", json={"name": "w", "runtime": "wasm", "artifact": not_wasm}
+        )
         assert resp.status_code == 422 and resp.json()["error"] == "bad_artifact"
         no_start = await upload(api, wasm("noentry"))
-        resp = await api.post("/api/v1/tasks", json={"name": "w", "runtime": "wasm",
-                                                     "artifact": no_start})
+        resp = await api.post(
+            "/api/v1/tasks", json={"name": "w", "runtime": "wasm", "artifact": no_start}
+        )
         assert resp.status_code == 422 and "_start" in resp.json()["message"]
         await register_wasm(api, "upper", "upper")
         resp = await api.post("/api/v1/tasks/upper/invoke", content=b"y" * 17)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import cbor2
 import pytest
 from hypothesis import given
@@ -25,7 +27,9 @@ values = st.recursive(
 )
 
 
-@given(type_=st.text(min_size=1), id_=st.integers(min_value=0), body=st.dictionaries(st.text(), values))
+@given(
+    type_=st.text(min_size=1), id_=st.integers(min_value=0), body=st.dictionaries(st.text(), values)
+)
 def test_envelope_round_trip(type_: str, id_: int, body: dict[str, object]) -> None:
     env = Envelope(type=type_, id=id_, sender="nd-1", body=body)
     assert decode_envelope(encode_envelope(env)) == env
@@ -33,10 +37,8 @@ def test_envelope_round_trip(type_: str, id_: int, body: dict[str, object]) -> N
 
 @given(st.binary(max_size=200))
 def test_garbage_never_raises_anything_but_wire_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(WireError):
         decode_envelope(data)
-    except WireError:
-        pass
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,226 @@
+"""Warm sync invocations of a trivial WASM function through spear's gateway, against floors.
+
+    .venv/bin/python bench/gateway_bench.py [--seconds 5] [--concurrency 16]
+
+Measured in one run, one server at a time on loopback, with the same keep-alive HTTP/1.1
+client (a lean trio socket client, so the client costs the same for every server):
+  - spear: `spear node` (a real process) invoking the demo upper-caser (WASM, per-call);
+  - floor "echo": a trivial hypercorn-trio endpoint that upper-cases its body;
+  - floor "wasm": that endpoint running a bare wasmtime instantiate + WASI `_start` of the same
+    module per request (the floor spear's figures are judged against);
+  - "bare wasmtime": that run alone, in-process, no HTTP.
+Prints requests/s, p50 and p99 for sequential and concurrent load, and spear's ratios against
+the "wasm" floor (target: throughput >= 0.8x, p50 <= 1.25x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+import wasmtime
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from floors import BareWasm  # noqa: E402
+
+BODY = b"hello from the spear benchmark"
+
+
+@dataclass
+class Figures:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+    def row(self, name: str) -> str:
+        return f"{name:<34} {self.rps:>9.0f} {self.p50_ms:>9.3f} {self.p99_ms:>9.3f}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client: POST a body, read a Content-Length response."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buf = b""
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        head = f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-length: {len(body)}\r\n\r\n"
+        await self._stream.send_all(head.encode() + body)
+        while b"\r\n\r\n" not in self._buf:
+            await self._fill()
+        header, _, self._buf = self._buf.partition(b"\r\n\r\n")
+        lines = header.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next(
+            int(v)
+            for k, _, v in (ln.partition(":") for ln in lines[1:])
+            if k.strip().lower() == "content-length"
+        )
+        while len(self._buf) < length:
+            await self._fill()
+        payload, self._buf = self._buf[:length], self._buf[length:]
+        return status, payload
+
+    async def _fill(self) -> None:
+        chunk = await self._stream.receive_some(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self._buf += chunk
+
+
+async def load(port: int, path: str, *, clients: int, seconds: float, expect: bytes) -> Figures:
+    latencies: list[float] = []
+
+    async def client() -> None:
+        conn = Connection(await trio.open_tcp_stream("127.0.0.1", port))
+        for _ in range(20):  # warm-up, not counted
+            await conn.post(path, BODY)
+        end = trio.current_time() + seconds
+        while trio.current_time() < end:
+            t0 = time.perf_counter()
+            status, payload = await conn.post(path, BODY)
+            latencies.append(time.perf_counter() - t0)
+            if status != 200 or payload != expect:
+                raise RuntimeError(f"bad answer {status}: {payload[:200]!r}")
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(clients):
+            nursery.start_soon(client)
+    elapsed = time.perf_counter() - t0
+    return summarize(latencies, elapsed)
+
+
+def summarize(latencies: list[float], elapsed: float) -> Figures:
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return Figures(len(latencies) / elapsed, statistics.median(latencies) * 1000, p99 * 1000)
+
+
+@contextmanager
+def process(argv: list[str], ready: str, env: dict[str, str] | None = None) -> Iterator[None]:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if ready in line:
+                break
+        else:
+            raise RuntimeError(f"{argv[:4]} exited before it was ready")
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def bare_wasmtime(module: bytes, seconds: float) -> Figures:
+    bare = BareWasm(module)
+    expect = BODY.upper()
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        s = time.perf_counter()
+        assert bare.run(BODY) == expect
+        latencies.append(time.perf_counter() - s)
+    return summarize(latencies, time.perf_counter() - t0)
+
+
+def measure(port: int, path: str, args: argparse.Namespace) -> tuple[Figures, Figures]:
+    expect = BODY.upper()
+    seq = trio.run(lambda: load(port, path, clients=1, seconds=args.seconds, expect=expect))
+    conc = trio.run(
+        lambda: load(port, path, clients=args.concurrency, seconds=args.seconds, expect=expect)
+    )
+    return seq, conc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="spear-bench-"))
+    module = bytes(wasmtime.wat2wasm((REPO / "spear" / "demo" / "upper.wat").read_text()))
+    module_path = work / "upper.wasm"
+    module_path.write_bytes(module)
+    py = sys.executable
+    results: dict[str, tuple[Figures, Figures]] = {}
+
+    port = free_port()
+    with process([py, str(REPO / "bench" / "floors.py"), "echo", str(port)], "ready"):
+        results["floor: hypercorn-trio echo"] = measure(port, "/", args)
+    port = free_port()
+    with process(
+        [py, str(REPO / "bench" / "floors.py"), "wasm", str(port), str(module_path)], "ready"
+    ):
+        results["floor: hypercorn-trio + wasmtime"] = measure(port, "/", args)
+
+    port = free_port()
+    argv = [
+        py,
+        "-m",
+        "spear",
+        "node",
+        "--data-dir",
+        str(work / "data"),
+        "--http",
+        f"127.0.0.1:{port}",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    ]
+    env = {**os.environ, "SPEAR_NODE__LOG_LEVEL": "warning"}
+    with process(argv, "is serving", env=env):
+        base = f"http://127.0.0.1:{port}"
+        file_id = httpx.post(f"{base}/api/v1/files", content=module).json()["file_id"]
+        resp = httpx.post(
+            f"{base}/api/v1/tasks", json={"name": "upper", "runtime": "wasm", "artifact": file_id}
+        )
+        resp.raise_for_status()
+        results["spear: wasm per-call via gateway"] = measure(
+            port, "/api/v1/tasks/upper/invoke", args
+        )
+
+    bare = bare_wasmtime(module, args.seconds)
+    header = f"{'':<34} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9}"
+    for label, index in (("sequential (1 client)", 0), (f"{args.concurrency} clients", 1)):
+        print(f"\n== {label}\n{header}")
+        for name, figures in results.items():
+            print(figures[index].row(name))
+        if index == 0:
+            print(bare.row("bare wasmtime run (no HTTP)"))
+    floor_seq, floor_conc = results["floor: hypercorn-trio + wasmtime"]
+    spear_seq, spear_conc = results["spear: wasm per-call via gateway"]
+    print("\n== spear / floor (hypercorn-trio + wasmtime); targets: rps >= 0.8x, p50 <= 1.25x")
+    for label, s, f in (
+        ("sequential", spear_seq, floor_seq),
+        ("concurrent", spear_conc, floor_conc),
+    ):
+        print(
+            f"{label:<11} throughput {s.rps / f.rps:.2f}x   p50 {s.p50_ms / f.p50_ms:.2f}x"
+            f"   p99 {s.p99_ms / f.p99_ms:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""`spear node` and `spear demo`: run a node in this process until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spear.config import Config, load_config
+from spear.errors import SpearError
+
+if TYPE_CHECKING:
+    import trio
+
+#: `spear node` flag → dotted config key (DESIGN.md section 7; scripts rely on these names)
+NODE_FLAGS = {
+    "name": "node.name",
+    "data_dir": "node.data_dir",
+    "http": "gateway.http",
+    "listen": "mesh.listen",
+    "join": "mesh.join",
+    "bootstrap_expect": "raft.bootstrap_expect",
+    "join_token": "mesh.join_token",
+}
+
+
+def add_node_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="spear.toml to load")
+    parser.add_argument("--name", help="node name (node.name)")
+    parser.add_argument("--data-dir", metavar="DIR", help="node.data_dir")
+    parser.add_argument("--http", metavar="HOST:PORT", help="HTTP gateway (gateway.http)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="mesh address (mesh.listen)")
+    parser.add_argument(
+        "--join",
+        metavar="HOST:PORT",
+        action="append",
+        help="a node to join (mesh.join); repeatable",
+    )
+    # A string, so that a bad value is reported by the config with its dotted key.
+    parser.add_argument("--bootstrap-expect", metavar="N", help="raft.bootstrap_expect")
+    parser.add_argument("--join-token", metavar="TOKEN", help="mesh.join_token")
+
+
+def node_config(args: argparse.Namespace) -> Config:
+    """The layered config with the node flags on top (raises ConfigError)."""
+    overrides = {key: getattr(args, flag) for flag, key in NODE_FLAGS.items()}
+    return load_config(Path(args.config) if args.config else None, overrides=overrides)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    config = node_config(args)
+    configure_logging(config.node.log_level, config.node.log_format)
+    # Imported here: client commands need not pay for importing the whole server.
+    from spear.node import run_node
+
+    return run_node(config)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = node_config(args)
+    # The terminal shows the walkthrough; the node reports only problems.
+    configure_logging("warning", config.node.log_format)
+    import trio  # here, like spear.node: client commands start faster without it
+
+    try:
+        trio.run(_serve_demo, config)
+    except BaseExceptionGroup as group:
+        raise _startup_error(group) from None
+    except OSError as exc:
+        raise _startup_error(exc) from None
+    return 0
+
+
+async def _serve_demo(config: Config) -> None:
+    import trio
+
+    from spear.demo import run_demo
+    from spear.node import serve_node
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            handle = await nursery.start(serve_node, config)
+            print(f"spear demo: node {handle.name} ({handle.node_id}) is up", flush=True)
+            # The client is synchronous: in a thread it cannot block the node it talks to.
+            await trio.to_thread.run_sync(
+                run_demo, handle.http_url, sys.stdout, abandon_on_cancel=True
+            )
+
+
+async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _signum in signals:
+        scope.cancel()
+        return
+
+
+def _startup_error(exc: BaseException) -> BaseException:
+    """The first real error inside trio's exception groups, OS errors as one SpearError line."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" {exc.filename}" if exc.filename else ""
+        return SpearError(f"cannot start the node:{where} {exc.strerror.lower()}")
+    return exc
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Log to stderr at `level` as text or JSON lines (node.log_level, node.log_format)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
