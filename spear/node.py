@@ -6,16 +6,20 @@ life; the mesh issue puts them under a leadership watcher that opens and cancels
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from spear.config import Config
-from spear.errors import SpearError
+from spear.errors import ConfigError, SpearError
 from spear.model import new_node_id
 from spear.roles import (
     ArtifactStore,
@@ -55,6 +59,13 @@ async def serve_node(
     """Run a node until cancelled; `task_status.started(NodeHandle)` once it serves HTTP."""
     data_dir = config.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    with _lock_data_dir(data_dir):
+        await _serve_node_locked(config, data_dir, task_status=task_status)
+
+
+async def _serve_node_locked(
+    config: Config, data_dir: Path, *, task_status: trio.TaskStatus[NodeHandle]
+) -> None:
     store: Store = await trio.to_thread.run_sync(
         open_store, config.store.backend, store_path(config).resolve()
     )
@@ -102,6 +113,25 @@ async def serve_node(
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
+
+
+@contextmanager
+def _lock_data_dir(data_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the data directory: two nodes must never share one."""
+    fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ConfigError(
+                f"node.data_dir {data_dir} is in use by another spear node (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def run_node(config: Config) -> int:

@@ -11,6 +11,7 @@ the only place that configures logging.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -26,8 +27,11 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one spear command; return its exit code."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{_hint(args)}")
     except SystemExit as exc:  # --help, or a usage error already reported in one line
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Handler = args.handler
@@ -51,3 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"unexpected {type(exc).__name__}: {exc} (a bug; `spear --traceback ...` shows where)",
             EXIT_FAILED,
         )
+
+
+def _hint(args: argparse.Namespace) -> str:
+    if getattr(args, "argv", None) is not None:  # tasks register: a dash argument of --command
+        return "; arguments of the command that start with - go after `--`"
+    return ""

@@ -113,7 +113,7 @@ def cmd_tasks_register(args: argparse.Namespace) -> int:
         "mode": args.mode,
         "artifact": args.artifact,
         "image": args.image,
-        "command": args.command,
+        "command": [*(args.command or []), *args.argv],
         "env": parse_env(args.env or []),
         "timeout_ms": args.timeout_ms,
         "memory_limit_bytes": args.memory_limit_bytes,
@@ -302,9 +302,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             m.get("voter"),
             m.get("http_address"),
             m.get("mesh_address"),
-            cell(m.get("runtimes")),
+            _runtimes(m.get("runtimes")),
         )
         for m in members
     ]
     print_table(("NAME", "NODE_ID", "STATE", "VOTER", "HTTP", "MESH", "RUNTIMES"), rows)
     return 0
+
+
+def _runtimes(runtimes: Any) -> str:
+    """The runtimes a member offers: {"wasm": {"available": true, ...}, ...} → "wasm,process"."""
+    if isinstance(runtimes, dict):
+        names = [
+            name
+            for name, info in runtimes.items()
+            if not isinstance(info, dict) or info.get("available", True)
+        ]
+        return ",".join(names) or "-"
+    return cell(runtimes)

@@ -114,9 +114,15 @@ def _add_tasks(sub: Subcommands, client: Parser) -> None:
     register.add_argument("--description")
     register.add_argument(
         "--command",
-        nargs=argparse.REMAINDER,
+        nargs="+",
         metavar="ARG",
-        help="the argv (process, docker); takes every argument after it",
+        help="the argv (process, docker); arguments that start with - go after `--`",
+    )
+    register.add_argument(
+        "argv",
+        nargs="*",
+        metavar="-- ARG",
+        help="more of the argv, appended to --command (anything after `--` is taken as is)",
     )
     _command(sub, "list", commands.cmd_tasks_list, client, "list tasks")
     for name, handler, help_text in (

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import IO, Any
@@ -20,7 +20,8 @@ class UsageError(SpearError):
 def open_input(path: str) -> IO[bytes]:
     """A binary file to read, or stdin for "-"; the caller closes it."""
     if path == "-":
-        return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+        # Read to the end first: a pipe has no length to send as Content-Length.
+        return io.BytesIO(sys.stdin.buffer.read())
     try:
         return open(path, "rb")
     except OSError as exc:

@@ -1,4 +1,4 @@
-"""The contract every function runtime keeps (DESIGN.md section 5), and helpers they share.
+"""The contract every function runtime keeps (DESIGN.md section 5).
 
 A runtime turns a FunctionSpec plus input bytes into a RunOutcome. Function-level failures
 (a non-zero exit, a trap, a timeout, a limit) are outcomes, never exceptions; exceptions are
@@ -10,15 +10,15 @@ the guest for real (epoch interrupt, process-group kill) before `trio.Cancelled`
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
 from spear.errors import ValidationError
-from spear.model import ErrorCode, ExecStatus, FunctionSpec, RunOutcome
+from spear.model import FunctionSpec, RunOutcome
 
-#: the instance modes this release implements in every runtime
-PER_CALL = "per-call"
+#: the instance mode this release implements in every runtime
+PER_CALL: Final = "per-call"
 
 
 class Runtime(Protocol):
@@ -27,7 +27,7 @@ class Runtime(Protocol):
     name: str
 
     def describe(self) -> dict[str, Any]:
-        """`{"available": bool, "version": str | None, "modes": [...], "reason"?: str}`."""
+        """`{"available": bool, "version": str, "modes": [...]}` plus runtime details."""
         ...
 
     def validate_task(self, spec: FunctionSpec) -> None:
@@ -50,7 +50,9 @@ class Runtime(Protocol):
         """Warm a task (compile and cache its module, stage its executable).
 
         Raises:
-            ValidationError, ArtifactError: the task cannot run here.
+            ValidationError: the task breaks a rule of this runtime.
+            ArtifactError: the artifact is not valid for this runtime.
+            RuntimeFailure: the artifact cannot be read or staged on this node.
         """
         ...
 
@@ -81,17 +83,3 @@ def effective_timeout_s(spec: FunctionSpec, deadline: float) -> float:
     if math.isinf(deadline):
         return spec.timeout_s
     return min(spec.timeout_s, deadline - trio.current_time())
-
-
-def timeout_outcome(timeout_s: float, *, output: bytes = b"", logs: bytes = b"") -> RunOutcome:
-    return RunOutcome(
-        status=ExecStatus.TIMEOUT,
-        output=output,
-        logs=logs,
-        error_code=ErrorCode.TIMEOUT,
-        error_message=f"the function did not finish within its timeout of {timeout_s:.3f} s",
-    )
-
-
-def failed_outcome(code: ErrorCode, message: str, **fields: Any) -> RunOutcome:
-    return RunOutcome(status=ExecStatus.FAILED, error_code=code, error_message=message, **fields)

@@ -135,42 +135,35 @@ def test_tasks_register_list_get_delete(
         spear_cli("tasks", "register", "--name", "noart", "--runtime", "wasm", *server)
     )
 
-    # A definition from stdin, a flag overriding its name, and a --command with dash arguments.
-    spec = {"name": "ignored", "runtime": "process", "command": ["/bin/cat"]}
+    # A definition from stdin with a flag overriding its name; commands with dash arguments.
+    spec = json.dumps({"name": "ignored", "runtime": "process", "command": ["/bin/echo"]})
+    register = ("tasks", "register", "--runtime", "process")
+    ok(spear_cli(*register, "--from-json", "-", "--name", "cat", *server, input=spec.encode()))
+    ok(spear_cli(*register, "--name", "cat2", "--command", "/bin/cat", *server))  # flags after
     ok(
         spear_cli(
-            "tasks",
-            "register",
-            "--from-json",
-            "-",
-            "--name",
-            "cat",
-            *server,
-            input=json.dumps(spec).encode(),
-        )
-    )
-    ok(
-        spear_cli(
-            "tasks",
-            "register",
+            *register,
             "--name",
             "py",
-            "--runtime",
-            "process",
             *server,
             "--command",
             sys.executable,
+            "--",
             "-c",
             "print('hi')",
         )
     )
+    assert ok_json(spear_cli("tasks", "get", "cat", "--json", *server))["command"] == ["/bin/echo"]
+    assert ok_json(spear_cli("tasks", "get", "cat2", "--json", *server))["command"] == ["/bin/cat"]
+    failed_dash = spear_cli(*register, "--name", "py2", "--command", "python3", "-c", "x", *server)
+    assert failed_dash.returncode == 2 and b"go after `--`" in failed_dash.stderr
     py = ok_json(spear_cli("tasks", "get", "py", "--json", *server))
     assert py["command"] == [sys.executable, "-c", "print('hi')"]
 
     table = ok(spear_cli("tasks", "list", *server))
     assert header(table) == ["NAME", "TASK_ID", "RUNTIME", "MODE", "SOURCE", "CREATED"]
     names = {line.split()[0] for line in table.splitlines()[1:]}
-    assert names == {"upper", "cat", "py"}
+    assert names == {"upper", "cat", "cat2", "py"}
     assert {
         t["name"] for t in ok_json(spear_cli("tasks", "list", "--json", *server))["tasks"]
     } == names

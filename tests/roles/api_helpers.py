@@ -23,7 +23,7 @@ WAT = {
     "grow": f"""(module {_WASI}
       (func (export "_start")
         (loop $l
-          (if (i32.eq (memory.grow (i32.const 16)) (i32.const -1)) (then unreachable))
+          (if (i32.eq (memory.grow (i32.const 1)) (i32.const -1)) (then unreachable))
           (br $l))))""",
     # writes 64 KiB of 'x' to stdout forever
     "flood": f"""(module {_WASI}

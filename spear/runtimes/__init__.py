@@ -1,0 +1,12 @@
+"""Function runtimes: WASM (wasmtime), native processes, and later Docker (DESIGN.md section 5).
+
+Open them with `open_runtime_manager(config.runtimes, data_dir=...)`; look one up with
+`manager.get(name)`; every runtime keeps the `Runtime` protocol.
+"""
+
+from spear.runtimes.base import Runtime
+from spear.runtimes.manager import RuntimeManager, open_runtime_manager
+from spear.runtimes.process import ProcessRuntime
+from spear.runtimes.wasm import WasmRuntime
+
+__all__ = ["ProcessRuntime", "Runtime", "RuntimeManager", "WasmRuntime", "open_runtime_manager"]

@@ -1,0 +1,70 @@
+"""The RuntimeManager: which runtimes a node offers, lookups, descriptions, lifetime."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from spear.config import ProcessConfig, RuntimesConfig, WasmConfig
+from spear.demo import upper_wasm
+from spear.errors import ValidationError
+from spear.model import ExecStatus
+from spear.runtimes import ProcessRuntime, WasmRuntime, open_runtime_manager
+from tests.runtimes.conftest import ArtifactFactory, function_spec
+
+
+async def test_defaults_offer_wasm_and_process(tmp_path: Path) -> None:
+    async with open_runtime_manager(RuntimesConfig(), data_dir=tmp_path) as manager:
+        assert isinstance(manager.get("wasm"), WasmRuntime)
+        assert isinstance(manager.get("process"), ProcessRuntime)
+        assert manager.available == ["wasm", "process"]
+        described = manager.describe()
+    assert described["wasm"]["available"] is True
+    assert described["process"]["available"] is True
+    assert described["docker"] == {
+        "available": False,
+        "reason": "the docker runtime arrives in a later release",
+        "modes": [],
+    }
+    assert (tmp_path / "wasm-cache").is_dir()
+    assert (tmp_path / "work" / "artifacts").is_dir()
+
+
+async def test_unknown_and_unavailable_runtimes(tmp_path: Path) -> None:
+    config = RuntimesConfig(wasm=WasmConfig(enabled=False))
+    async with open_runtime_manager(config, data_dir=tmp_path) as manager:
+        with pytest.raises(ValidationError, match="later release") as info:
+            manager.get("docker")
+        assert info.value.field == "runtime"
+        with pytest.raises(ValidationError, match=r"runtimes\.wasm\.enabled = false"):
+            manager.get("wasm")
+        with pytest.raises(ValidationError, match="'lambda' is unknown") as info:
+            manager.get("lambda")
+        assert info.value.field == "runtime"
+        assert manager.describe()["wasm"]["available"] is False
+
+
+async def test_relative_dirs_are_under_the_data_dir(tmp_path: Path) -> None:
+    config = RuntimesConfig(
+        wasm=WasmConfig(cache_dir="compiled"), process=ProcessConfig(work_dir="scratch")
+    )
+    async with open_runtime_manager(config, data_dir=tmp_path):
+        pass
+    assert (tmp_path / "compiled").is_dir()
+    assert (tmp_path / "scratch" / "artifacts").is_dir()
+
+
+async def test_runs_through_the_manager(tmp_path: Path, artifact: ArtifactFactory) -> None:
+    path, sha = artifact(upper_wasm())
+    spec = function_spec(artifact_path=path, artifact_sha256=sha)
+    async with open_runtime_manager(RuntimesConfig(), data_dir=tmp_path / "data") as manager:
+        runtime = manager.get(spec.runtime)
+        runtime.validate_task(spec)
+        await runtime.prepare(spec)
+        outcome = await runtime.run(spec, b"abc", deadline=math.inf)
+        stats = manager.statistics()
+    assert outcome.status is ExecStatus.SUCCEEDED
+    assert outcome.output == b"ABC"
+    assert stats["wasm"]["compiles"] == 1
