@@ -19,7 +19,7 @@ from spear.config import ProcessConfig
 from spear.errors import ArtifactError, ConfigError, ValidationError
 from spear.model import ErrorCode, ExecStatus, FunctionSpec
 from spear.runtimes import ProcessRuntime
-from tests.runtimes.conftest import MiB, ArtifactFactory, function_spec
+from tests.runtimes.conftest import ArtifactFactory, MiB, function_spec
 
 FOREVER = math.inf
 #: how long a SIGKILLed process may take to disappear from the process table
@@ -199,7 +199,7 @@ async def test_cancel_kills_the_process(process: ProcessRuntime, tmp_path: Path)
 
 async def wait_for_file(path: Path) -> None:
     deadline = time.monotonic() + GONE_WITHIN_S
-    while not path.exists():
+    while not await trio.Path(path).exists():
         assert time.monotonic() < deadline, f"{path} did not appear"
         await trio.sleep(0.01)
 
@@ -225,13 +225,13 @@ async def test_bad_artifacts(process: ProcessRuntime) -> None:
         process.validate_artifact(b"")
     with pytest.raises(ArtifactError, match="neither an ELF binary nor a script"):
         process.validate_artifact(b"hello")
-    process.validate_artifact(Path("/bin/true").read_bytes())
+    process.validate_artifact(await trio.Path("/bin/true").read_bytes())
 
 
 async def test_isolate_network_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Being non-root cannot be produced for real in a root container: fake the uid.
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(ConfigError, match="runtimes.process.isolate_network"):
+    with pytest.raises(ConfigError, match=r"runtimes\.process\.isolate_network"):
         ProcessRuntime(ProcessConfig(isolate_network=True), work_dir=tmp_path)
 
 

@@ -1,0 +1,170 @@
+"""Per-call cost of the function runtimes against their floors, measured in the same run.
+
+    python bench/runtimes_bench.py [--calls N] [--wasm FILE]
+
+WASM floor: a bare wasmtime per-call run of the same module (new Store + WasiConfig with a
+stdin temp file and stdout_custom, InstancePre.instantiate, `_start`), on the calling thread.
+spear is measured twice: the worker-thread part of a run (what the floor does, plus limits,
+epoch watch and captures), and the whole `await WasmRuntime.run()` (plus the trio thread hop).
+Process floor: `trio.run_process(["cat"])` with the same input; spear: `ProcessRuntime.run`.
+Medians and 99th percentiles in ms; ratios against the floor's median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+import wasmtime
+
+from spear.config import ProcessConfig, WasmConfig
+from spear.demo import upper_wasm
+from spear.model import FunctionSpec, TaskId
+from spear.runtimes import ProcessRuntime, WasmRuntime
+from spear.runtimes.guest import GuestRun
+
+INPUT = b"hello, spear! " * 8
+WARMUP = 50
+
+
+def spec(**fields: object) -> FunctionSpec:
+    base: dict[str, object] = {
+        "task_id": TaskId("tk-0000000000000000"),
+        "name": "bench",
+        "runtime": "wasm",
+        "mode": "per-call",
+        "artifact_path": None,
+        "artifact_sha256": None,
+        "command": (),
+        "image": None,
+        "env": {},
+        "timeout_s": 30.0,
+        "memory_limit_bytes": 64 << 20,
+        "max_output_bytes": 1 << 20,
+        "max_log_bytes": 1 << 16,
+    }
+    base.update(fields)
+    return FunctionSpec(**base)  # type: ignore[arg-type]
+
+
+class BareWasm:
+    """The floor: what any wasmtime embedder does per call."""
+
+    def __init__(self, module_bytes: bytes) -> None:
+        self.engine = wasmtime.Engine()
+        linker = wasmtime.Linker(self.engine)
+        linker.define_wasi()
+        self.pre = linker.instantiate_pre(wasmtime.Module(self.engine, module_bytes))
+
+    def run(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        with tempfile.NamedTemporaryFile(dir="/dev/shm") as stdin:
+            stdin.write(data)
+            stdin.flush()
+            wasi = wasmtime.WasiConfig()
+            wasi.stdin_file = stdin.name
+            wasi.stdout_custom = out.append
+            store = wasmtime.Store(self.engine)
+            store.set_wasi(wasi)
+            start = self.pre.instantiate(store).exports(store)["_start"]
+            assert isinstance(start, wasmtime.Func)
+            start(store)
+            store.close()
+        return b"".join(out)
+
+
+def measure(fn: Callable[[], object], calls: int) -> list[float]:
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+async def measure_async(fn: Callable[[], Awaitable[object]], calls: int) -> list[float]:
+    for _ in range(WARMUP):
+        await fn()
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        await fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def report(label: str, times: list[float], floor: list[float] | None) -> None:
+    median = statistics.median(times) * 1000
+    p99 = statistics.quantiles(times, n=100)[98] * 1000
+    ratio = f"  x{median / (statistics.median(floor) * 1000):.2f}" if floor else ""
+    print(f"  {label:44s} median {median:7.3f} ms   p99 {p99:7.3f} ms{ratio}")
+
+
+async def bench_wasm(name: str, module: bytes, calls: int, work: Path) -> None:
+    path = work / f"{name}.wasm"
+    path.write_bytes(module)
+    fn = spec(artifact_path=path, artifact_sha256=hashlib.sha256(module).hexdigest())
+    runtime = WasmRuntime(WasmConfig(), cache_dir=work / "wasm-cache")
+    try:
+        await runtime.prepare(fn)
+        bare = BareWasm(module)
+        assert bare.run(INPUT) == (await runtime.run(fn, INPUT, deadline=math.inf)).output
+        ids = iter(range(1, 1 << 62))
+
+        def core() -> object:
+            run = GuestRun(fn, next(ids), fn.timeout_s, time.perf_counter())
+            return runtime._execute(run, INPUT)
+
+        async def whole() -> object:
+            return await runtime.run(fn, INPUT, deadline=math.inf)
+
+        floor = measure(lambda: bare.run(INPUT), calls)
+        print(f"wasm per-call, {name} ({len(module)} bytes):")
+        report("floor: bare wasmtime instantiate + _start", floor, None)
+        report("spear worker-thread part of run()", measure(core, calls), floor)
+        report("spear await WasmRuntime.run()", await measure_async(whole, calls), floor)
+    finally:
+        await runtime.aclose()
+
+
+async def bench_process(calls: int, work: Path) -> None:
+    runtime = ProcessRuntime(ProcessConfig(), work_dir=work / "work")
+    fn = spec(runtime="process", command=("cat",))
+
+    async def bare() -> object:
+        return await trio.run_process(["cat"], stdin=INPUT, capture_stdout=True)
+
+    async def whole() -> object:
+        return await runtime.run(fn, INPUT, deadline=math.inf)
+
+    floor = await measure_async(bare, calls)
+    print("process per-call, cat:")
+    report("floor: trio.run_process(['cat'])", floor, None)
+    report("spear await ProcessRuntime.run()", await measure_async(whole, calls), floor)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--wasm", type=Path, action="append", default=[])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        await bench_wasm("demo upper.wat", upper_wasm(), args.calls, work)
+        for extra in args.wasm:
+            await bench_wasm(extra.name, extra.read_bytes(), args.calls, work)
+        await bench_process(max(args.calls // 10, 100), work)
+
+
+if __name__ == "__main__":
+    sys.exit(trio.run(main))
