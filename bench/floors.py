@@ -40,18 +40,21 @@ class BareWasm:
 
     def run(self, data: bytes) -> bytes:
         out: list[bytes] = []
-        with tempfile.NamedTemporaryFile(dir=self.stdin_dir) as stdin:
-            stdin.write(data)
-            stdin.flush()
+        fd, path = tempfile.mkstemp(dir=self.stdin_dir)
+        try:
+            os.write(fd, data)
+            os.close(fd)
             wasi = wasmtime.WasiConfig()
-            wasi.stdin_file(stdin.name)
-            wasi.stdout_custom(out.append)
-            store = wasmtime.Store(self.engine)
-            store.set_wasi(wasi)
-            instance = self.pre.instantiate(store)
-            start = instance.exports(store)["_start"]
-            assert isinstance(start, wasmtime.Func)
-            start(store)
+            wasi.stdin_file = path
+            wasi.stdout_custom = out.append
+        finally:
+            os.unlink(path)
+        store = wasmtime.Store(self.engine)
+        store.set_wasi(wasi)
+        instance = self.pre.instantiate(store)
+        start = instance.exports(store)["_start"]
+        assert isinstance(start, wasmtime.Func)
+        start(store)
         return b"".join(out)
 
 
@@ -59,8 +62,13 @@ def make_app(
     handler: Callable[[bytes], bytes],
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].rsplit(".", 1)[-1]  # startup | shutdown
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
         body = b""
         while True:
             message = await receive()

@@ -33,8 +33,8 @@ import trio
 import wasmtime
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from floors import BareWasm  # noqa: E402
+sys.path.insert(0, str(REPO))
+from bench.floors import BareWasm  # noqa: E402
 
 BODY = b"hello from the spear benchmark"
 

@@ -63,7 +63,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> Subcommands:
 
 
 def _missing_command(parser: argparse.ArgumentParser) -> int:
-    return fail(f"{parser.prog} needs a command (see `{parser.prog} --help`)", EXIT_USAGE)
+    return fail(f"`{parser.prog}` needs a command (see `{parser.prog} --help`)", EXIT_USAGE)
 
 
 def _command(

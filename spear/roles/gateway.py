@@ -166,7 +166,7 @@ async def read_body(request: Request, limit: int, setting: str) -> bytes:
 
 def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | None]:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     where = ".".join(loc) or None
     if first.get("type") == "json_invalid":
@@ -425,9 +425,10 @@ async def serve_gateway(
     hc = HypercornConfig()
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hc.accesslog = None
-    hc.errorlog = logging.getLogger("spear.gateway.hypercorn")  # type: ignore[assignment]
+    hc.errorlog = logging.getLogger("spear.gateway.hypercorn")
     hc.keep_alive_max_requests = config.keep_alive_max_requests
     hc.graceful_timeout = config.graceful_timeout_s
     async with trio.open_nursery() as nursery:
-        urls: list[str] = await nursery.start(partial(serve, app, hc))
+        asgi: Any = app  # FastAPI is an ASGI app; hypercorn's type names its own protocol
+        urls: list[str] = await nursery.start(partial(serve, asgi, hc))
         task_status.started(urls[0] if urls else f"http://{config.http}")

@@ -283,7 +283,7 @@ class TaskService:
                 status=ExecStatus.RUNNING,
                 attempts=record.attempts + 1,
                 started_at=self._now(),
-                node_id=self.node_id,
+                node_id=NodeId(self.node_id),
             )
             await self._apply(PutExecution(record=record))
         data = await trio.to_thread.run_sync(self._state.execution_blob, "execin", execution_id)
