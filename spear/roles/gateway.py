@@ -1,6 +1,7 @@
 """The HTTP gateway: API v1 (DESIGN.md section 6) on hypercorn's trio worker.
 
-The only module that imports hypercorn and FastAPI. Routes stay thin: they parse and check the
+The only module that imports hypercorn and FastAPI; invocations take the framework-free fast
+path in `invoke_path`. Routes stay thin: they parse and check the
 request, call the TaskService, and shape the answer. Every error is JSON
 `{"error": CODE, "message": one sentence, "field": optional}`; client mistakes get a 4xx, and an
 unexpected failure is logged once and answered 500 without a traceback.
@@ -9,6 +10,7 @@ unexpected failure is logged once and answered 500 without a traceback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -25,16 +27,15 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spear.config import GatewayConfig, parse_hostport
-from spear.errors import (
-    ArtifactError,
-    ConflictError,
-    NotFoundError,
-    PayloadTooLargeError,
-    SpearError,
-    UnavailableError,
-    ValidationError,
+from spear.errors import SpearError
+from spear.model import ExecStatus, TaskRecord, TaskSpec
+from spear.roles.invoke_path import (
+    Gateway,
+    InvokeRequest,
+    answer_invoke,
+    error_doc_answer,
+    read_limited,
 )
-from spear.model import ExecStatus, ExecutionRecord, TaskRecord, TaskSpec
 from spear.roles.sms import TaskService
 
 log = logging.getLogger(__name__)
@@ -45,20 +46,6 @@ OCTET_BODY: dict[str, Any] = {
         "required": True,
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
-}
-_STATUS_BY_ERROR: list[tuple[type[SpearError], int]] = [
-    (PayloadTooLargeError, 413),
-    (ValidationError, 422),
-    (ArtifactError, 422),
-    (NotFoundError, 404),
-    (ConflictError, 409),
-    (UnavailableError, 503),
-]
-_STATUS_BY_OUTCOME = {
-    ExecStatus.SUCCEEDED: 200,
-    ExecStatus.FAILED: 502,
-    ExecStatus.TIMEOUT: 504,
-    ExecStatus.CANCELLED: 409,
 }
 
 
@@ -130,43 +117,26 @@ def _doc(
     return JSONResponse(doc, status, headers)
 
 
-def _error(
-    status: int,
-    code: str,
-    message: str,
-    *,
-    field: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
+def _error(exc: SpearError, request: Request) -> Response:
+    answer = error_doc_answer(exc, f"{request.method} {request.url.path}")
+    return Response(answer.body, answer.status, answer.headers, media_type=answer.media_type)
+
+
+def _plain_error(status: int, code: str, message: str, field: str | None = None) -> Response:
     body: dict[str, Any] = {"error": code, "message": message}
     if field is not None:
         body["field"] = field
-    return JSONResponse(body, status, headers)
+    return JSONResponse(body, status)
 
 
-async def read_body(request: Request, limit: int, setting: str) -> bytes:
-    """The request body, refused with 413 once it exceeds `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ValidationError(f"content-length must be a number, got {declared!r}")
-        if int(declared) > limit:
-            raise PayloadTooLargeError(
-                f"body of {declared} bytes exceeds the limit of {limit} bytes ({setting})"
-            )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"body exceeds the limit of {limit} bytes ({setting})")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def read_body(request: Request, limit: int, setting: str) -> Awaitable[bytes]:
+    return read_limited(request.stream(), request.headers.get("content-length"), limit, setting)
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | None]:
     errors = exc.errors()
-    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    fallback = {"loc": (), "msg": "invalid request", "type": ""}
+    first: dict[str, Any] = errors[0] if errors else fallback
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     where = ".".join(loc) or None
     if first.get("type") == "json_invalid":
@@ -185,8 +155,13 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | N
     return 422, message, where
 
 
-def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> FastAPI:
-    """The gateway's ASGI application."""
+def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Gateway:
+    """The gateway's ASGI application: the invoke fast path in front of the control app."""
+    return Gateway(service, build_control_app(service, node, config), config)
+
+
+def build_control_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> FastAPI:
+    """The FastAPI app serving every route, with the OpenAPI description and /docs."""
     app = FastAPIOffline(
         title="spear",
         version="0.1.0",
@@ -197,21 +172,12 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
 
     @app.exception_handler(SpearError)
     async def _spear_error(request: Request, exc: SpearError) -> Response:
-        for kind, status in _STATUS_BY_ERROR:
-            if isinstance(exc, kind):
-                headers = None
-                if isinstance(exc, UnavailableError):
-                    headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-                return _error(
-                    status, exc.code, str(exc), field=getattr(exc, "field", None), headers=headers
-                )
-        log.error("request %s %s failed: %s", request.method, request.url.path, exc)
-        return _error(500, exc.code, str(exc))
+        return _error(exc, request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         status, message, where = _describe_validation(exc)
-        return _error(status, "invalid_request", message, field=where)
+        return _plain_error(status, "invalid_request", message, field=where)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -221,12 +187,12 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
             message = f"no route for {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
-        return _error(exc.status_code, code, message)
+        return _plain_error(exc.status_code, code, message)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("request %s %s failed unexpectedly", request.method, request.url.path)
-        return _error(500, "internal", "the server failed unexpectedly; see the node's log")
+        return _plain_error(500, "internal", "the server failed unexpectedly; see the node's log")
 
     @app.get("/health", tags=["node"])
     async def health() -> dict[str, Any]:
@@ -324,20 +290,17 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
         timeout_ms: Annotated[int | None, Query(ge=1)] = None,
         idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
     ) -> Response:
+        """Invoke a task: the body is its stdin (see docs/api.md).
+
+        The gateway serves this route on its fast path (`invoke_path.Gateway`) without going
+        through the framework; this handler is the same logic for the control app alone.
+        """
+        del mode, timeout_ms, idempotency_key  # checked by FastAPI, read again from the scope
         data = await read_body(
             request, config.max_invoke_body_bytes, "gateway.max_invoke_body_bytes"
         )
-        if mode == "async":
-            record, _ = await service.invoke_async(task, data, idempotency_key=idempotency_key)
-            doc = {"execution_id": record.execution_id, "status": record.status.value}
-            return _doc(request, doc, 202, {"Location": f"{API}/executions/{record.execution_id}"})
-        record, output = await service.invoke_sync(
-            task, data, timeout_ms=timeout_ms, idempotency_key=idempotency_key
-        )
-        headers = _execution_headers(record)
-        if record.status is ExecStatus.SUCCEEDED:
-            return Response(output, 200, headers, media_type="application/octet-stream")
-        return _doc(request, record.to_doc(), _STATUS_BY_OUTCOME[record.status], headers)
+        answer = await answer_invoke(service, InvokeRequest(request.scope, task), data)
+        return Response(answer.body, answer.status, answer.headers, media_type=answer.media_type)
 
     # --- executions -------------------------------------------------------------------------
 
@@ -401,21 +364,8 @@ def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Fa
     return app
 
 
-def _execution_headers(record: ExecutionRecord) -> dict[str, str]:
-    duration = 0.0
-    if record.finished_at is not None and record.started_at is not None:
-        duration = (record.finished_at - record.started_at) * 1000
-    return {
-        "X-Spear-Execution-Id": record.execution_id,
-        "X-Spear-Status": record.status.value,
-        "X-Spear-Node": record.node_id or "",
-        "X-Spear-Cold-Start": "true" if record.cold else "false",
-        "X-Spear-Duration-Ms": f"{duration:.3f}",
-    }
-
-
 async def serve_gateway(
-    app: FastAPI,
+    app: Gateway,
     config: GatewayConfig,
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,

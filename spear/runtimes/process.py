@@ -37,6 +37,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -256,12 +257,15 @@ class ProcessRuntime:
         if not target.exists():
             if spec.artifact_path is None:
                 raise RuntimeFailure(f"artifact {spec.artifact_sha256} has no file on this node")
-            partial = target.with_suffix(f".{os.getpid()}.tmp")
+            fd, partial = tempfile.mkstemp(dir=self._artifacts, suffix=".tmp")
             try:
+                os.close(fd)
                 shutil.copyfile(spec.artifact_path, partial)
                 os.chmod(partial, 0o755)
-                os.replace(partial, target)
+                os.replace(partial, target)  # atomic: a concurrent stager's copy is the same
             except OSError as exc:
+                with suppress(OSError):
+                    os.unlink(partial)
                 raise RuntimeFailure(
                     f"cannot stage artifact {spec.artifact_sha256}: {exc.strerror}"
                 ) from exc

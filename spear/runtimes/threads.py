@@ -23,6 +23,7 @@ async def run_stoppable(
     fn: Callable[[], T],
     *,
     limiter: trio.CapacityLimiter,
+    acquire_timeout_s: float,
     stop: Callable[[], None],
     grace_s: float,
     name: str,
@@ -32,8 +33,14 @@ async def run_stoppable(
     When the caller is cancelled, `stop()` is called (from the trio thread) and this waits
     up to `grace_s` for the thread to finish before `trio.Cancelled` propagates; a thread
     that outlives the grace is logged (it still holds its limiter token until it ends).
+
+    Only the wait for a token has a trio timeout: a running guest keeps its own deadline in
+    real time, which also keeps a MockClock (autojump) from timing it out in virtual time.
+
+    Raises:
+        trio.TooSlowError: no token became free within `acquire_timeout_s`.
     """
-    slot = _ThreadSlot(limiter)
+    slot = _ThreadSlot(limiter, acquire_timeout_s)
     try:
         return await trio.to_thread.run_sync(
             fn, abandon_on_cancel=True, limiter=cast(trio.CapacityLimiter, slot)
@@ -54,16 +61,21 @@ class _ThreadSlot:
     waits for it to be gone.
     """
 
-    __slots__ = ("_event", "_limiter", "acquired", "released")
+    __slots__ = ("_event", "_limiter", "_timeout_s", "acquired", "released")
 
-    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, limiter: trio.CapacityLimiter, timeout_s: float) -> None:
         self._limiter = limiter
+        self._timeout_s = timeout_s
         self._event: trio.Event | None = None
         self.acquired = False
         self.released = False
 
     async def acquire_on_behalf_of(self, borrower: object) -> None:
-        await self._limiter.acquire_on_behalf_of(borrower)
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            with trio.fail_after(self._timeout_s):
+                await self._limiter.acquire_on_behalf_of(borrower)
         self.acquired = True
 
     def release_on_behalf_of(self, borrower: object) -> None:

@@ -155,17 +155,18 @@ class WasmRuntime:
         if timeout_s <= 0:
             return early_outcome(timed_out(max(timeout_s, 0.0)))
         run = GuestRun(spec, next(self._run_ids), timeout_s, started)
-        # The guard only fires when no guest thread was free in time: a running guest
-        # stops itself at its deadline, well before it.
-        with trio.move_on_after(timeout_s + STOP_GRACE_S):
+        try:
             return await run_stoppable(
                 partial(self._execute, run, data),
                 limiter=self._limiter,
+                acquire_timeout_s=timeout_s,
                 stop=partial(run.stop, ErrorCode.CANCELLED),
                 grace_s=STOP_GRACE_S,
                 name=spec.name,
             )
-        return early_outcome(timed_out(timeout_s), "no guest thread was free before the deadline")
+        except trio.TooSlowError:
+            why = "no guest thread was free before the deadline (runtimes.wasm.max_threads)"
+            return early_outcome(timed_out(timeout_s), why)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -11,7 +11,9 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
+from spear.config import GatewayConfig
 from spear.node import NodeHandle
+from spear.roles.gateway import NodeInfo, build_control_app
 from tests.roles.api_helpers import register, register_wasm, upload, wasm
 
 
@@ -315,3 +317,26 @@ async def test_bad_artifacts_and_oversized_bodies(start_node: Callable[..., Any]
         assert resp.status_code == 413
         assert "gateway.max_invoke_body_bytes" in resp.json()["message"]
         assert (await api.post("/api/v1/tasks/upper/invoke", content=b"ok")).content == b"OK"
+
+
+async def test_control_app_alone_serves_the_documented_invoke_route(
+    api: httpx.AsyncClient, node: NodeHandle
+) -> None:
+    """The fast path and the FastAPI route of invoke give the same answers."""
+    await register_wasm(api, "upper", "upper")
+    await register_wasm(api, "exit3", "exit3")
+    info = NodeInfo(node_id=node.node_id, name=node.name, http_address="", mesh_address="")
+    control = build_control_app(node.service, info, GatewayConfig())
+    transport = httpx.ASGITransport(app=control)
+    async with httpx.AsyncClient(transport=transport, base_url="http://control") as direct:
+        for client in (api, direct):
+            ok = await client.post("/api/v1/tasks/upper/invoke", content=b"same")
+            assert (ok.status_code, ok.content) == (200, b"SAME")
+            assert ok.headers["x-spear-status"] == "succeeded"
+            failed = await client.post("/api/v1/tasks/exit3/invoke")
+            assert failed.status_code == 502
+            assert failed.json()["error"]["code"] == "exit_nonzero"
+            bad = await client.post("/api/v1/tasks/upper/invoke", params={"mode": "x"})
+            assert bad.status_code == 422 and bad.json()["field"] == "mode"
+            missing = await client.post("/api/v1/tasks/nope/invoke")
+            assert missing.status_code == 404

@@ -7,6 +7,7 @@ under the run's own timeout).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -207,6 +208,33 @@ async def test_runs_beyond_the_thread_limit_queue(wasm: WasmRuntime, wasm_spec: 
             nursery.start_soon(call, i)
     assert sorted(results) == sorted(b"CALL %d" % i for i in range(10))
     assert wasm.statistics()["compiles"] == 1
+
+
+async def test_no_free_thread_before_the_deadline(tmp_path: Path, wasm_spec: WasmSpec) -> None:
+    runtime = WasmRuntime(WasmConfig(max_threads=1), cache_dir=tmp_path / "one-thread")
+    busy = wasm_spec(guests.wasm(guests.LOOP), timeout_s=60.0)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(runtime.run, busy, b"", deadline=FOREVER))
+            await trio.testing.wait_all_tasks_blocked()
+            spec = wasm_spec(upper_wasm(), timeout_s=0.1)
+            outcome = await runtime.run(spec, b"x", deadline=FOREVER)
+            nursery.cancel_scope.cancel()
+    finally:
+        await runtime.aclose()
+    assert outcome.status is ExecStatus.TIMEOUT
+    assert b"no guest thread was free" in outcome.logs
+
+
+async def test_runs_in_real_time_under_a_mock_clock(
+    autojump_clock: trio.testing.MockClock, wasm: WasmRuntime, wasm_spec: WasmSpec
+) -> None:
+    # The guest's deadline is kept in real time: virtual time racing ahead while the trio
+    # task waits for the thread must not time it out.
+    spec = wasm_spec(guests.wasm(guests.sleep(50 * 10**6)), timeout_s=5.0)
+    outcome = await wasm.run(spec, b"", deadline=trio.current_time() + 5.0)
+    assert outcome.status is ExecStatus.SUCCEEDED
+    assert outcome.output == b"ok"
 
 
 async def test_bad_artifacts_are_refused(wasm: WasmRuntime) -> None:
