@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,14 +134,18 @@ def _lock_data_dir(data_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def run_node(config: Config) -> int:
+def run_node(
+    config: Config, *, after_start: Callable[[NodeHandle], Awaitable[None]] | None = None
+) -> int:
     """Run a node in the foreground until SIGINT or SIGTERM; return the exit code.
 
-    Startup failures (a port in use, a broken store) print one line and return 1.
+    `after_start(handle)`, if given, runs once the node serves (e.g. the demo's walkthrough);
+    the node keeps running after it returns. Startup failures (a port in use, a broken store)
+    and SpearErrors from `after_start` print one line and return 1.
     """
     failure: BaseException | None = None
     try:
-        trio.run(_main, config)
+        trio.run(_main, config, after_start)
     except* (SpearError, OSError) as group:
         failure = _first_leaf(group)
     if failure is not None:
@@ -150,7 +154,9 @@ def run_node(config: Config) -> int:
     return 0
 
 
-async def _main(config: Config) -> None:
+async def _main(
+    config: Config, after_start: Callable[[NodeHandle], Awaitable[None]] | None
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
@@ -160,6 +166,8 @@ async def _main(config: Config) -> None:
                 f" (API docs: {handle.http_url}/docs)",
                 flush=True,
             )
+            if after_start is not None:
+                await after_start(handle)
 
 
 async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:

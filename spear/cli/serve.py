@@ -5,17 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spear.config import Config, load_config
-from spear.errors import SpearError
 
 if TYPE_CHECKING:
-    import trio
+    from spear.node import NodeHandle
 
 #: `spear node` flag → dotted config key (DESIGN.md section 7; scripts rely on these names)
 NODE_FLAGS = {
@@ -65,48 +62,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = node_config(args)
     # The terminal shows the walkthrough; the node reports only problems.
     configure_logging("warning", config.node.log_format)
+    from spear.node import run_node
+
+    return run_node(config, after_start=_walk_through_demo)
+
+
+async def _walk_through_demo(handle: NodeHandle) -> None:
     import trio  # here, like spear.node: client commands start faster without it
 
-    try:
-        trio.run(_serve_demo, config)
-    except BaseExceptionGroup as group:
-        raise _startup_error(group) from None
-    except OSError as exc:
-        raise _startup_error(exc) from None
-    return 0
-
-
-async def _serve_demo(config: Config) -> None:
-    import trio
-
     from spear.demo import run_demo
-    from spear.node import serve_node
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
-            handle = await nursery.start(serve_node, config)
-            print(f"spear demo: node {handle.name} ({handle.node_id}) is up", flush=True)
-            # The client is synchronous: in a thread it cannot block the node it talks to.
-            await trio.to_thread.run_sync(
-                run_demo, handle.http_url, sys.stdout, abandon_on_cancel=True
-            )
-
-
-async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
-    async for _signum in signals:
-        scope.cancel()
-        return
-
-
-def _startup_error(exc: BaseException) -> BaseException:
-    """The first real error inside trio's exception groups, OS errors as one SpearError line."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f" {exc.filename}" if exc.filename else ""
-        return SpearError(f"cannot start the node:{where} {exc.strerror.lower()}")
-    return exc
+    # The client is synchronous: in a thread it cannot block the node it talks to.
+    await trio.to_thread.run_sync(run_demo, handle.http_url, sys.stdout, abandon_on_cancel=True)
 
 
 class _JsonFormatter(logging.Formatter):

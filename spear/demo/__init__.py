@@ -11,10 +11,9 @@ import shlex
 from importlib import resources
 from typing import TextIO
 
-import wasmtime
-
 from spear.client import Doc, SpearClient
 from spear.errors import ConflictError, SpearError
+from spear.runtimes import wat_to_wasm
 
 TASK_NAME = "upper"
 DEMO_INPUT = b"hello from spear"
@@ -30,7 +29,7 @@ class DemoError(SpearError):
 def upper_wasm() -> bytes:
     """The demo function, `upper.wat` compiled to a WASM binary (a WASI command module)."""
     wat = resources.files(__name__).joinpath("upper.wat").read_text(encoding="utf-8")
-    return bytes(wasmtime.wat2wasm(wat))
+    return wat_to_wasm(wat)
 
 
 def run_demo(base_url: str, out: TextIO) -> None:

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spear.config import GatewayConfig, parse_hostport
-from spear.errors import SpearError
+from spear.errors import ConfigError, SpearError
 from spear.model import ExecStatus, TaskRecord, TaskSpec
 from spear.roles.invoke_path import (
     Gateway,
@@ -380,5 +380,12 @@ async def serve_gateway(
     hc.graceful_timeout = config.graceful_timeout_s
     async with trio.open_nursery() as nursery:
         asgi: Any = app  # FastAPI is an ASGI app; hypercorn's type names its own protocol
-        urls: list[str] = await nursery.start(partial(serve, asgi, hc))
+        try:
+            urls: list[str] = await nursery.start(partial(serve, asgi, hc))
+        except* OSError as group:
+            exc: BaseException = group
+            while isinstance(exc, BaseExceptionGroup):
+                exc = exc.exceptions[0]
+            reason = (getattr(exc, "strerror", None) or str(exc)).lower()
+            raise ConfigError(f"gateway.http {config.http} cannot be used: {reason}") from exc
         task_status.started(urls[0] if urls else f"http://{config.http}")

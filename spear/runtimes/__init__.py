@@ -7,6 +7,13 @@ Open them with `open_runtime_manager(config.runtimes, data_dir=...)`; look one u
 from spear.runtimes.base import Runtime
 from spear.runtimes.manager import RuntimeManager, open_runtime_manager
 from spear.runtimes.process import ProcessRuntime
-from spear.runtimes.wasm import WasmRuntime
+from spear.runtimes.wasm import WasmRuntime, wat_to_wasm
 
-__all__ = ["ProcessRuntime", "Runtime", "RuntimeManager", "WasmRuntime", "open_runtime_manager"]
+__all__ = [
+    "ProcessRuntime",
+    "Runtime",
+    "RuntimeManager",
+    "WasmRuntime",
+    "open_runtime_manager",
+    "wat_to_wasm",
+]

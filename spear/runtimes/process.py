@@ -2,7 +2,9 @@
 
 The executable is `command[0]` (looked up on the clean PATH), or the uploaded artifact staged
 as `<work_dir>/artifacts/<sha256>` (mode 0755) followed by `command` as its arguments. Input
-goes to stdin, output is read from stdout, logs from stderr, exit code 0 means success.
+goes to stdin, output is read from stdout, logs from stderr, exit code 0 means success. The
+working directory is `<work_dir>/scratch`, shared by all calls and never cleaned by spear (a
+fresh directory per call cost 0.6 ms of mkdir/rmdir on overlay filesystems).
 
 Limits and how they hold:
 - time: a trio deadline; at it the whole process group gets SIGKILL and is reaped. RLIMIT_CPU
@@ -29,7 +31,6 @@ value is clamped to the node's own hard limit.
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import math
 import os
@@ -87,7 +88,8 @@ class ProcessRuntime:
 
         Args:
             config: the `[runtimes.process]` section.
-            work_dir: absolute directory for staged artifacts and per-call working dirs.
+            work_dir: absolute directory for staged artifacts (`artifacts/`) and the calls'
+                working directory (`scratch/`).
 
         Raises:
             ConfigError: `isolate_network` is set but this node cannot use `unshare -n`.
@@ -103,12 +105,12 @@ class ProcessRuntime:
                 )
             self._prefix = (unshare, "--net", "--")
         self._artifacts = work_dir / "artifacts"
-        self._calls = work_dir / "calls"
+        self._scratch = work_dir / "scratch"
         self._artifacts.mkdir(parents=True, exist_ok=True)
-        self._calls.mkdir(parents=True, exist_ok=True)
+        self._scratch.mkdir(parents=True, exist_ok=True)
         self._base_env = {k: os.environ[k] for k in config.pass_env if k in os.environ}
         self._staged: set[str] = set()
-        self._ids = itertools.count(1)
+        self._resolved: dict[tuple[str, str], str | None] = {}
         self._running = 0
 
     # --- the Runtime protocol -----------------------------------------------------------
@@ -157,16 +159,11 @@ class ProcessRuntime:
             argv = await self._argv(spec, timeout_s)
         except (ArtifactError, RuntimeFailure) as exc:
             return early_outcome(failed(ErrorCode.START_FAILED, str(exc)))
-        call = _Call(spec, timeout_s, started)
-        cwd = self._calls / f"{os.getpid()}-{next(self._ids)}"
-        os.mkdir(cwd, 0o700)
         self._running += 1
         try:
-            return await self._run(call, argv, data, cwd)
+            return await self._run(_Call(spec, timeout_s, started), argv, data)
         finally:
             self._running -= 1
-            with trio.CancelScope(shield=True):
-                await _remove_dir(cwd)
 
     async def aclose(self) -> None:
         """Nothing to release: every call reaps its own processes."""
@@ -176,9 +173,9 @@ class ProcessRuntime:
 
     # --- one call -----------------------------------------------------------------------
 
-    async def _run(self, call: _Call, argv: list[str], data: bytes, cwd: Path) -> RunOutcome:
+    async def _run(self, call: _Call, argv: list[str], data: bytes) -> RunOutcome:
         try:
-            proc = await _spawn(argv, env={**self._base_env, **call.spec.env}, cwd=cwd)
+            proc = await _spawn(argv, env={**self._base_env, **call.spec.env}, cwd=self._scratch)
         except OSError as exc:
             message = f"cannot start the function: {exc}"
             return early_outcome(failed(ErrorCode.START_FAILED, message))
@@ -247,8 +244,13 @@ class ProcessRuntime:
         return f'{limits} && unset PWD && exec "$0" "$@"'
 
     def _resolve(self, command: str, spec: FunctionSpec) -> str | None:
+        """The executable `command` names on the call's PATH (cached: a lookup costs
+        about 0.25 ms; an executable removed later fails at exec with exit code 127)."""
         path = spec.env.get("PATH", self._base_env.get("PATH", os.defpath))
-        return shutil.which(command, path=path)
+        key = (command, path)
+        if key not in self._resolved:
+            self._resolved[key] = shutil.which(command, path=path)
+        return self._resolved[key]
 
     def _stage(self, spec: FunctionSpec) -> None:
         """Copy the artifact to `<work_dir>/artifacts/<sha256>` with mode 0755 (blocking)."""
@@ -392,15 +394,6 @@ def _kill_group(pgid: int) -> None:
         pass
     except PermissionError:  # pragma: no cover - a member changed its uid
         log.warning("cannot kill process group %d", pgid)
-
-
-async def _remove_dir(path: Path) -> None:
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
-    except OSError:  # the function left files behind
-        await trio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))
 
 
 def _clamp(which: int, value: int) -> int:

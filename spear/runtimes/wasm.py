@@ -204,13 +204,18 @@ class WasmRuntime:
             return early_outcome(failed(ErrorCode.START_FAILED, str(exc)))
         if run.should_stop():
             return run.outcome(run.stop_verdict() or SUCCEEDED)
+        try:
+            wasi = self._wasi(run, data)
+        except OSError as exc:  # e.g. /dev/shm full
+            message = f"cannot hand the input to the guest: {exc}"
+            return early_outcome(failed(ErrorCode.START_FAILED, message))
         store = wasmtime.Store(self._engine)
         try:
             store.set_limits(memory_size=run.spec.memory_limit_bytes)
             if self._config.fuel:
                 store.set_fuel(self._config.fuel)
             _watch_epoch(store, run)
-            store.set_wasi(self._wasi(run, data))
+            store.set_wasi(wasi)
             self._ticker.enter()
             _CURRENT.run = run
             try:
@@ -231,10 +236,12 @@ class WasmRuntime:
             path = self._stdin_dir / str(run.run_id)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.close(fd)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                finally:
+                    os.close(fd)
                 wasi.stdin_file = path  # wasmtime opens it here, so it can go at once
             finally:
                 os.unlink(path)
@@ -487,3 +494,15 @@ def _check_command(module: wasmtime.Module) -> None:
         "the module is not a WASI command: it has no `_start` export"
         " (build it as an executable for wasm32-wasi, not a library or reactor)"
     )
+
+
+def wat_to_wasm(text: str) -> bytes:
+    """Compile WebAssembly text to a binary module.
+
+    Raises:
+        ArtifactError: the text is not valid WAT.
+    """
+    try:
+        return bytes(wasmtime.wat2wasm(text))
+    except wasmtime.WasmtimeError as exc:
+        raise ArtifactError(f"not valid WebAssembly text: {exc}") from exc
