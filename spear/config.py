@@ -102,6 +102,9 @@ class WasmConfig(Section):
     epoch_tick_ms: int = Field(default=5, ge=1, le=1000)
     max_wasm_stack_bytes: int = Field(default=1 * MiB, ge=64 * 1024, le=2 * MiB)
     max_threads: int = Field(default=0, ge=0, description="concurrent guests; 0 = 4 x CPUs")
+    inline_budget_ms: float = Field(
+        default=2.0, ge=0, le=50, description="run on the loop's thread up to this; 0 = never"
+    )
 
 
 class ProcessConfig(Section):

@@ -211,7 +211,9 @@ async def test_runs_beyond_the_thread_limit_queue(wasm: WasmRuntime, wasm_spec: 
 
 
 async def test_no_free_thread_before_the_deadline(tmp_path: Path, wasm_spec: WasmSpec) -> None:
-    runtime = WasmRuntime(WasmConfig(max_threads=1), cache_dir=tmp_path / "one-thread")
+    runtime = WasmRuntime(
+        WasmConfig(max_threads=1, inline_budget_ms=0), cache_dir=tmp_path / "one-thread"
+    )
     busy = wasm_spec(guests.wasm(guests.LOOP), timeout_s=60.0)
     try:
         async with trio.open_nursery() as nursery:
