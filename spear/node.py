@@ -7,6 +7,7 @@ life; the mesh issue puts them under a leadership watcher that opens and cancels
 from __future__ import annotations
 
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -161,6 +162,9 @@ async def _main(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
             handle = await nursery.start(serve_node, config)
+            # Everything loaded so far lives as long as the process: keep the cyclic GC from
+            # walking it again at every full collection (measured: lower p50 and p99 under load).
+            gc.freeze()
             print(
                 f"spear node {handle.name} ({handle.node_id}) is serving {handle.http_url}"
                 f" (API docs: {handle.http_url}/docs)",
