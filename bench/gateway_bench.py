@@ -1,9 +1,9 @@
 """Warm sync invocations of a trivial WASM function through spear's gateway, against floors.
 
-    .venv/bin/python bench/gateway_bench.py [--seconds 5] [--concurrency 16]
+    .venv/bin/python bench/gateway_bench.py [--seconds 2] [--rounds 5] [--concurrency 16]
 
-Measured in one run, one server at a time on loopback, with the same keep-alive HTTP/1.1
-client (a lean trio socket client, so the client costs the same for every server):
+Measured in one run, on loopback, in alternating rounds (medians reported), with the same
+keep-alive HTTP/1.1 client (a lean trio socket client that costs the same for every server):
   - spear: `spear node` (a real process) invoking the demo upper-caser (WASM, per-call);
   - floor "echo": a trivial hypercorn-trio endpoint that upper-cases its body;
   - floor "wasm": that endpoint running a bare wasmtime instantiate + WASI `_start` of the same
@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -145,18 +146,18 @@ def bare_wasmtime(module: bytes, seconds: float) -> Figures:
     return summarize(latencies, time.perf_counter() - t0)
 
 
-def measure(port: int, path: str, args: argparse.Namespace) -> tuple[Figures, Figures]:
-    expect = BODY.upper()
-    seq = trio.run(lambda: load(port, path, clients=1, seconds=args.seconds, expect=expect))
-    conc = trio.run(
-        lambda: load(port, path, clients=args.concurrency, seconds=args.seconds, expect=expect)
+def median_figures(runs: list[Figures]) -> Figures:
+    return Figures(
+        statistics.median(f.rps for f in runs),
+        statistics.median(f.p50_ms for f in runs),
+        statistics.median(f.p99_ms for f in runs),
     )
-    return seq, conc
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians)")
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
 
@@ -165,19 +166,9 @@ def main() -> None:
     module_path = work / "upper.wasm"
     module_path.write_bytes(module)
     py = sys.executable
-    results: dict[str, tuple[Figures, Figures]] = {}
-
-    port = free_port()
-    with process([py, str(REPO / "bench" / "floors.py"), "echo", str(port)], "ready"):
-        results["floor: hypercorn-trio echo"] = measure(port, "/", args)
-    port = free_port()
-    with process(
-        [py, str(REPO / "bench" / "floors.py"), "wasm", str(port), str(module_path)], "ready"
-    ):
-        results["floor: hypercorn-trio + wasmtime"] = measure(port, "/", args)
-
-    port = free_port()
-    argv = [
+    ports = {name: free_port() for name in ("echo", "wasm", "spear")}
+    floor = [py, str(REPO / "bench" / "floors.py")]
+    spear_argv = [
         py,
         "-m",
         "spear",
@@ -185,28 +176,54 @@ def main() -> None:
         "--data-dir",
         str(work / "data"),
         "--http",
-        f"127.0.0.1:{port}",
+        f"127.0.0.1:{ports['spear']}",
         "--listen",
         f"127.0.0.1:{free_port()}",
     ]
     env = {**os.environ, "SPEAR_NODE__LOG_LEVEL": "warning"}
-    with process(argv, "is serving", env=env):
-        base = f"http://127.0.0.1:{port}"
+    targets = {
+        "floor: hypercorn-trio echo": (ports["echo"], "/"),
+        "floor: hypercorn-trio + wasmtime": (ports["wasm"], "/"),
+        "spear: wasm per-call via gateway": (ports["spear"], "/api/v1/tasks/upper/invoke"),
+    }
+    runs: dict[tuple[str, int], list[Figures]] = {
+        (name, c): [] for name in targets for c in (1, args.concurrency)
+    }
+    # All servers run at once and are measured in alternation, round after round, so that
+    # the machine's drift (other tenants, CPU frequency) falls on all of them alike.
+    with (
+        process([*floor, "echo", str(ports["echo"])], "ready"),
+        process([*floor, "wasm", str(ports["wasm"]), str(module_path)], "ready"),
+        process(spear_argv, "is serving", env=env),
+    ):
+        base = f"http://127.0.0.1:{ports['spear']}"
         file_id = httpx.post(f"{base}/api/v1/files", content=module).json()["file_id"]
         resp = httpx.post(
             f"{base}/api/v1/tasks", json={"name": "upper", "runtime": "wasm", "artifact": file_id}
         )
         resp.raise_for_status()
-        results["spear: wasm per-call via gateway"] = measure(
-            port, "/api/v1/tasks/upper/invoke", args
-        )
+        expect = BODY.upper()
+        for _ in range(args.rounds):
+            for (name, clients), figures in runs.items():
+                port, path = targets[name]
+                figures.append(
+                    trio.run(
+                        partial(
+                            load, port, path, clients=clients, seconds=args.seconds, expect=expect
+                        )
+                    )
+                )
+    results = {
+        name: (median_figures(runs[(name, 1)]), median_figures(runs[(name, args.concurrency)]))
+        for name in targets
+    }
 
     bare = bare_wasmtime(module, args.seconds)
     header = f"{'':<34} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9}"
     for label, index in (("sequential (1 client)", 0), (f"{args.concurrency} clients", 1)):
         print(f"\n== {label}\n{header}")
-        for name, figures in results.items():
-            print(figures[index].row(name))
+        for name, pair in results.items():
+            print(pair[index].row(name))
         if index == 0:
             print(bare.row("bare wasmtime run (no HTTP)"))
     floor_seq, floor_conc = results["floor: hypercorn-trio + wasmtime"]
