@@ -21,6 +21,7 @@ import trio
 
 from spear.config import Config
 from spear.errors import ConfigError, SpearError
+from spear.host import HostMetrics
 from spear.model import new_node_id
 from spear.roles import (
     ArtifactStore,
@@ -99,7 +100,7 @@ async def _serve_node_locked(
                     labels=dict(config.node.labels),
                     runtimes=runtimes.describe(),
                 )
-                app = build_app(service, info, config.gateway)
+                app = build_app(service, info, config.gateway, HostMetrics(data_dir))
                 url = await nursery.start(serve_gateway, app, config.gateway)
                 log.info("node %s (%s) serving %s", info.name, node_id, url)
                 task_status.started(

@@ -27,7 +27,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spear.config import GatewayConfig, parse_hostport
-from spear.errors import ConfigError, SpearError
+from spear.errors import ConfigError, NotFoundError, SpearError
+from spear.host import HostMetrics
 from spear.model import ExecStatus, TaskRecord, TaskSpec
 from spear.roles.invoke_path import (
     Gateway,
@@ -155,12 +156,16 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | N
     return 422, message, where
 
 
-def build_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> Gateway:
+def build_app(
+    service: TaskService, node: NodeInfo, config: GatewayConfig, host: HostMetrics
+) -> Gateway:
     """The gateway's ASGI application: the invoke fast path in front of the control app."""
-    return Gateway(service, build_control_app(service, node, config), config)
+    return Gateway(service, build_control_app(service, node, config, host), config)
 
 
-def build_control_app(service: TaskService, node: NodeInfo, config: GatewayConfig) -> FastAPI:
+def build_control_app(
+    service: TaskService, node: NodeInfo, config: GatewayConfig, host: HostMetrics
+) -> FastAPI:
     """The FastAPI app serving every route, with the OpenAPI description and /docs."""
     app = FastAPIOffline(
         title="spear",
@@ -212,6 +217,36 @@ def build_control_app(service: TaskService, node: NodeInfo, config: GatewayConfi
         }
         doc = {"leader_id": node.node_id, "term": 1, "voters": [node.node_id], "members": [member]}
         return _doc(request, doc)
+
+    def node_doc() -> dict[str, Any]:
+        return {
+            "node_id": node.node_id,
+            "name": node.name,
+            "status": "online",
+            "voter": True,
+            "leader": True,
+            "http_address": node.http_address,
+            "mesh_address": node.mesh_address,
+            "labels": node.labels,
+            "runtimes": node.runtimes,
+            "resources": host.sample(),
+            "statistics": service.statistics(),
+        }
+
+    @app.get(f"{API}/nodes", tags=["cluster"])
+    async def list_nodes(request: Request) -> Response:
+        return _doc(request, {"nodes": [node_doc()]})
+
+    @app.get(f"{API}/nodes/{{node_id}}", responses=ERRORS, tags=["cluster"])
+    async def get_node(request: Request, node_id: str) -> Response:
+        if node_id not in (node.node_id, node.name):
+            raise NotFoundError(f"node {node_id!r} is not a member of this cluster")
+        return _doc(request, node_doc())
+
+    @app.get(f"{API}/resources", tags=["cluster"])
+    async def resources(request: Request) -> Response:
+        report = {"node_id": node.node_id, "name": node.name, **host.sample()}
+        return _doc(request, {"resources": [report]})
 
     # --- files ------------------------------------------------------------------------------
 

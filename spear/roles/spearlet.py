@@ -157,7 +157,7 @@ class Spearlet:
         return {
             "running": len(self._running),
             "outcomes": dict(self._outcomes),
-            "runtimes": self._runtimes.describe(),
+            "runtimes": self._runtimes.statistics(),
         }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -12,6 +13,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from spear.config import GatewayConfig
+from spear.host import HostMetrics
 from spear.node import NodeHandle
 from spear.roles.gateway import NodeInfo, build_control_app
 from tests.roles.api_helpers import register, register_wasm, upload, wasm
@@ -26,6 +28,22 @@ async def test_health_and_cluster(api: httpx.AsyncClient, node: NodeHandle) -> N
     (member,) = cluster["members"]
     assert member["state"] == "alive"
     assert member["runtimes"]["wasm"]["available"] is True
+
+
+async def test_nodes_and_resources(api: httpx.AsyncClient, node: NodeHandle) -> None:
+    await register_wasm(api, "upper", "upper")
+    await api.post("/api/v1/tasks/upper/invoke", content=b"x")
+    (doc,) = (await api.get("/api/v1/nodes")).json()["nodes"]
+    assert (doc["node_id"], doc["status"], doc["leader"]) == (node.node_id, "online", True)
+    assert doc["resources"]["cpu_count"] >= 1
+    assert doc["resources"]["memory_available_bytes"] > 0
+    assert doc["statistics"]["tasks"] == 1
+    wasm_stats = doc["statistics"]["spearlet"]["runtimes"]["wasm"]
+    assert wasm_stats["inline_runs"] + wasm_stats["inline_fallbacks"] >= 1
+    assert (await api.get(f"/api/v1/nodes/{node.node_id}")).json()["node_id"] == node.node_id
+    assert (await api.get("/api/v1/nodes/nd-nobody")).status_code == 404
+    (report,) = (await api.get("/api/v1/resources")).json()["resources"]
+    assert report["node_id"] == node.node_id and report["disk_free_bytes"] > 0
 
 
 async def test_openapi_is_valid_and_docs_are_served_offline(api: httpx.AsyncClient) -> None:
@@ -320,13 +338,13 @@ async def test_bad_artifacts_and_oversized_bodies(start_node: Callable[..., Any]
 
 
 async def test_control_app_alone_serves_the_documented_invoke_route(
-    api: httpx.AsyncClient, node: NodeHandle
+    api: httpx.AsyncClient, node: NodeHandle, tmp_path: Path
 ) -> None:
     """The fast path and the FastAPI route of invoke give the same answers."""
     await register_wasm(api, "upper", "upper")
     await register_wasm(api, "exit3", "exit3")
     info = NodeInfo(node_id=node.node_id, name=node.name, http_address="", mesh_address="")
-    control = build_control_app(node.service, info, GatewayConfig())
+    control = build_control_app(node.service, info, GatewayConfig(), HostMetrics(tmp_path))
     transport = httpx.ASGITransport(app=control)
     async with httpx.AsyncClient(transport=transport, base_url="http://control") as direct:
         for client in (api, direct):
