@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from spear.errors import ConfigError
 
@@ -131,6 +131,15 @@ class RuntimesConfig(Section):
     wasm: WasmConfig = Field(default_factory=WasmConfig)
     process: ProcessConfig = Field(default_factory=ProcessConfig)
     docker: DockerConfig = Field(default_factory=DockerConfig)
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> RuntimesConfig:
+        if self.default_timeout_ms > self.max_timeout_ms:
+            raise ValueError(
+                f"default_timeout_ms ({self.default_timeout_ms}) must be at most"
+                f" max_timeout_ms ({self.max_timeout_ms})"
+            )
+        return self
 
 
 class PoolConfig(Section):
@@ -249,6 +258,9 @@ def _describe(exc: pydantic.ValidationError) -> str:
             messages.append(f"unknown config key {dotted}")
             continue
         rule = err["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+        if isinstance(err.get("input"), dict):  # a rule across keys of this section
+            messages.append(f"{dotted}.{rule}")
+            continue
         got = "" if "got" in rule else f", got {err.get('input')!r}"
         messages.append(f"{dotted} {rule[0].lower()}{rule[1:]}{got}")
     return "; ".join(messages)

@@ -30,6 +30,7 @@ NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 RuntimeName = Literal["wasm", "process", "docker"]
 ModeName = Literal["per-call", "worker"]
 RUNTIMES: tuple[str, ...] = ("wasm", "process", "docker")
+MAX_MEMORY_LIMIT_BYTES = 1 << 40  # 1 TiB
 
 
 def new_task_id() -> TaskId:
@@ -84,9 +85,9 @@ class _Spec(BaseModel):
 class PoolSpec(_Spec):
     """Warm-instance pool settings (used by mode `worker`; defaults come from `[pool]`)."""
 
-    min_instances: int | None = Field(default=None, ge=0, le=1024)
-    max_instances: int | None = Field(default=None, ge=1, le=1024)
-    max_concurrency: int | None = Field(default=None, ge=1, le=1024)
+    min_instances: int | None = Field(default=None, ge=0, le=1024, strict=True)
+    max_instances: int | None = Field(default=None, ge=1, le=1024, strict=True)
+    max_concurrency: int | None = Field(default=None, ge=1, le=1024, strict=True)
     idle_timeout_s: float | None = Field(default=None, gt=0, le=86400)
 
 
@@ -96,7 +97,7 @@ class PlacementSpec(_Spec):
 
 
 class RetrySpec(_Spec):
-    max_attempts: int = Field(default=2, ge=1, le=10)
+    max_attempts: int = Field(default=2, ge=1, le=10, strict=True)
 
 
 class TaskSpec(_Spec):
@@ -112,10 +113,14 @@ class TaskSpec(_Spec):
     image: str | None = Field(default=None, min_length=1, max_length=256)
     env: dict[str, str] = Field(default_factory=dict)
     timeout_ms: int | None = Field(
-        default=None, ge=1, description="default: runtimes.default_timeout_ms"
+        default=None, ge=1, strict=True, description="default: runtimes.default_timeout_ms"
     )
     memory_limit_bytes: int | None = Field(
-        default=None, ge=65536, description="default: runtimes.default_memory_limit_bytes"
+        default=None,
+        ge=65536,
+        le=MAX_MEMORY_LIMIT_BYTES,
+        strict=True,
+        description="default: runtimes.default_memory_limit_bytes",
     )
     description: str = Field(default="", max_length=1024)
     pool: PoolSpec = Field(default_factory=PoolSpec)
@@ -126,9 +131,11 @@ class TaskSpec(_Spec):
     def _check_runtime_fields(self) -> TaskSpec:
         if self.name.startswith("tk-"):
             raise ValueError("name may not start with 'tk-' (reserved for task ids)")
-        for key in self.env:
+        for key, value in self.env.items():
             if not key or "=" in key or "\0" in key:
                 raise ValueError(f"env key {key!r} must be non-empty without '=' or NUL")
+            if "\0" in value:
+                raise ValueError(f"env value of {key!r} may not contain NUL bytes")
         if any("\0" in arg for arg in self.command):
             raise ValueError("command arguments may not contain NUL bytes")
         if self.runtime == "wasm" and self.artifact is None:

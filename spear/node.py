@@ -60,6 +60,8 @@ async def serve_node(
 ) -> None:
     """Run a node until cancelled; `task_status.started(NodeHandle)` once it serves HTTP."""
     data_dir = config.data_dir.resolve()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"node.data_dir {data_dir} is not a directory")
     data_dir.mkdir(parents=True, exist_ok=True)
     with _lock_data_dir(data_dir):
         await _serve_node_locked(config, data_dir, task_status=task_status)

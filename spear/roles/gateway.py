@@ -134,6 +134,11 @@ def read_body(request: Request, limit: int, setting: str) -> Awaitable[bytes]:
     return read_limited(request.stream(), request.headers.get("content-length"), limit, setting)
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | None]:
     errors = exc.errors()
     fallback = {"loc": (), "msg": "invalid request", "type": ""}
@@ -143,13 +148,16 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | N
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return 400, f"request body is not valid JSON: {detail}".rstrip(": "), None
+    if first.get("type") in ("model_attributes_type", "dict_type", "model_type") and not where:
+        message = "the request body must be a JSON object (Content-Type: application/json)"
+        return 422, message, None
     if first.get("type") == "missing":
         return 422, f"{where or 'body'} is required", where
     if first.get("type") == "extra_forbidden":
         return 422, f"{where} is not a known field", where
     rule = str(first.get("msg", "is invalid")).replace("Input should be", "must be")
     rule = rule.replace("Value error, ", "")
-    got = f", got {first['input']!r}" if "input" in first and where else ""
+    got = f", got {_short(first['input'])}" if "input" in first and where else ""
     message = f"{where} {rule[0].lower()}{rule[1:]}{got}" if where else rule
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from spear.config import SmsConfig
-from spear.errors import ConflictError, NotFoundError, UnavailableError
+from spear.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
 from spear.model import (
     ErrorCode,
     ExecStatus,
@@ -124,6 +124,12 @@ class TaskService:
         """
         if self._state.find_task(spec.name) is not None:
             raise ConflictError(f"a task named {spec.name!r} already exists")
+        pinned = spec.placement.node_id
+        if pinned is not None and pinned != self.node_id:
+            raise ValidationError(
+                f"placement.node_id {pinned!r} is not a member of this cluster",
+                field="placement.node_id",
+            )
         record = TaskRecord(task_id=new_task_id(), spec=spec, created_at=self._now())
         await self._spearlet.prepare(record)
         await self._apply(RegisterTask(record=record))
@@ -287,7 +293,17 @@ class TaskService:
             )
             await self._apply(PutExecution(record=record))
         data = await trio.to_thread.run_sync(self._state.execution_blob, "execin", execution_id)
-        outcome = await self._spearlet.execute(task, execution_id, data or b"")
+        try:
+            outcome = await self._spearlet.execute(task, execution_id, data or b"")
+        except BaseException as exc:
+            if _is_cancellation(exc):
+                # The node is stopping: this run does not count; it runs again at the next start.
+                with trio.CancelScope(shield=True):
+                    again = replace(
+                        record, status=ExecStatus.PENDING, attempts=record.attempts - 1
+                    )
+                    await self._apply(PutExecution(record=again))
+            raise
         final = _finish(record, outcome, self.node_id, self._now())
         async with self._async_lock:
             await self._apply(PutExecution(record=final, output=outcome.output, logs=outcome.logs))
@@ -327,7 +343,25 @@ class TaskService:
     async def _async_worker(self) -> None:
         async for execution_id in self._queue_recv:
             self._queued -= 1
-            await self._run_async(execution_id)
+            try:
+                await self._run_async(execution_id)
+            except Exception as exc:
+                # A bug or a broken store must cost this execution, never the node.
+                log.exception("async execution %s could not be run", execution_id)
+                await self._give_up(execution_id, exc)
+
+    async def _give_up(self, execution_id: ExecutionId, exc: Exception) -> None:
+        record = self._state.execution(execution_id)
+        if record is None or record.status.terminal:
+            return
+        message = f"spear could not run it: {exc}"
+        try:
+            await self._apply(
+                PutExecution(record=_failed(record, ErrorCode.START_FAILED, message, self._now()))
+            )
+        except Exception:
+            log.exception("async execution %s could not be marked failed", execution_id)
+        self._notify(execution_id)
 
     # --- execution records -----------------------------------------------------------------
 
@@ -428,3 +462,10 @@ def _failed(record: ExecutionRecord, code: ErrorCode, message: str, now: float) 
         error={"code": code.value, "message": message},
         finished_at=now,
     )
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """Whether `exc` is trio's Cancelled, alone or inside nurseries' exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(trio.Cancelled) is not None
+    return isinstance(exc, trio.Cancelled)

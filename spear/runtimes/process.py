@@ -176,7 +176,7 @@ class ProcessRuntime:
     async def _run(self, call: _Call, argv: list[str], data: bytes) -> RunOutcome:
         try:
             proc = await _spawn(argv, env={**self._base_env, **call.spec.env}, cwd=self._scratch)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in argv or env
             message = f"cannot start the function: {exc}"
             return early_outcome(failed(ErrorCode.START_FAILED, message))
         call.spawned = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,35 @@ def test_bad_input_against_the_real_process(spear_node: NodeProcess) -> None:
             assert message in resp.json()["message"]
             assert client.post("/api/v1/tasks/upper/invoke", content=b"ok").content == b"OK"
         assert [t["name"] for t in client.get("/api/v1/tasks").json()["tasks"]] == ["upper"]
+
+
+def test_a_clean_stop_does_not_use_up_an_attempt(spear_node: NodeProcess) -> None:
+    with httpx.Client(base_url=spear_node.url, timeout=60) as client:
+        resp = client.post(
+            "/api/v1/tasks",
+            json={
+                "name": "sleeper",
+                "runtime": "process",
+                "command": ["/bin/sleep", "600"],
+                "timeout_ms": 600_000,
+                "retry": {"max_attempts": 1},
+            },
+        )
+        assert resp.status_code == 201, resp.text
+        execution_id = client.post("/api/v1/tasks/sleeper/invoke", params={"mode": "async"}).json()[
+            "execution_id"
+        ]
+        # An external process: a bounded probe until it runs (no fixed sleep).
+        for delay_s in [0.02 * 2**i for i in range(10)]:
+            if client.get(f"/api/v1/executions/{execution_id}").json()["status"] == "running":
+                break
+            time.sleep(delay_s)
+        else:
+            pytest.fail("the async execution never started")
+    spear_node.restart()  # SIGTERM while it runs, then start again
+    with httpx.Client(base_url=spear_node.url, timeout=60) as client:
+        record = client.get(f"/api/v1/executions/{execution_id}").json()
+        # With one attempt allowed, a counted interrupted run would now be failed (node_lost).
+        assert record["status"] in ("pending", "running"), record["error"]
+        assert record["attempts"] <= 1
+        client.post(f"/api/v1/executions/{execution_id}/cancel")

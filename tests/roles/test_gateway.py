@@ -290,6 +290,62 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
         "may not start with 'tk-'",
     ),
     ("POST", "/api/v1/tasks/upper/invoke", {"params": {"mode": "later"}}, 422, "mode must be"),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"json": {"name": "x", "runtime": "process", "command": ["a"], "env": {"A": "x\0y"}}},
+        422,
+        "env value of 'A' may not contain NUL bytes",
+    ),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"json": {"name": "x", "runtime": "process", "command": ["a"], "timeout_ms": True}},
+        422,
+        "timeout_ms must be a valid integer",
+    ),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {
+            "json": {
+                "name": "x",
+                "runtime": "process",
+                "command": ["a"],
+                "memory_limit_bytes": 10**26,
+            }
+        },
+        422,
+        "memory_limit_bytes must be less than or equal to 1099511627776",
+    ),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {
+            "json": {
+                "name": "x",
+                "runtime": "process",
+                "command": ["a"],
+                "placement": {"node_id": "nd-elsewhere"},
+            }
+        },
+        422,
+        "placement.node_id 'nd-elsewhere' is not a member of this cluster",
+    ),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"content": b"name=x", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        422,
+        "the request body must be a JSON object",
+    ),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"json": {"name": "x", "runtime": "process", "command": ["a"], "description": "d" * 5000}},
+        422,
+        "(5002 characters)",
+    ),
     ("GET", "/api/v1/nowhere", {}, 404, "no route for GET /api/v1/nowhere"),
     ("PUT", "/api/v1/tasks", {}, 405, "method PUT is not allowed"),
 ]

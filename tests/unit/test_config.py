@@ -103,3 +103,11 @@ def test_unknown_key_in_file_and_bad_toml(tmp_path: Path) -> None:
         load_config(path, env={})
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.toml", env={})
+
+
+def test_a_default_above_its_maximum_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"runtimes.default_timeout_ms": 99_999_999})
+    assert str(info.value) == (
+        "runtimes.default_timeout_ms (99999999) must be at most max_timeout_ms (900000)"
+    )
