@@ -299,9 +299,7 @@ class TaskService:
             if _is_cancellation(exc):
                 # The node is stopping: this run does not count; it runs again at the next start.
                 with trio.CancelScope(shield=True):
-                    again = replace(
-                        record, status=ExecStatus.PENDING, attempts=record.attempts - 1
-                    )
+                    again = replace(record, status=ExecStatus.PENDING, attempts=record.attempts - 1)
                     await self._apply(PutExecution(record=again))
             raise
         final = _finish(record, outcome, self.node_id, self._now())
