@@ -21,6 +21,13 @@ bootstrap_system() {
 
 bootstrap_venv() {
   [ -x .venv/bin/python ] || python3 -m venv .venv
+  # Skip pip when this very pyproject.toml was installed with these extras already.
+  local stamp=".venv/.spear-installed" want
+  want="$1 $(sha256sum pyproject.toml | cut -d' ' -f1)"
+  if [ -f "$stamp" ] && grep -qxF "$want" "$stamp"; then
+    return 0
+  fi
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e "$1"
+  echo "$want" >> "$stamp"
 }

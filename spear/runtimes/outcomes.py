@@ -32,6 +32,11 @@ class OutputCapture:
         if self.overflowed:
             return False
         if self.size + len(data) > self.limit:
+            # Keep what fits, so the stored output is exactly the first `limit` bytes.
+            room = self.limit - self.size
+            if room > 0:
+                self._chunks.append(data[:room])
+                self.size += room
             self.overflowed = True
             return False
         self._chunks.append(data)

@@ -180,9 +180,14 @@ async def test_output_limit(start_node: Callable[..., Any]) -> None:
     node = await start_node(runtimes__max_output_bytes=100_000)
     async with httpx.AsyncClient(base_url=node.http_url) as api:
         await register_wasm(api, "flood", "flood", timeout_ms=10_000)
-        resp = await api.post("/api/v1/tasks/flood/invoke")
-        assert resp.status_code == 502
-        assert resp.json()["error"]["code"] == "output_limit"
+        await register(api, name="yes", runtime="process", command=["/usr/bin/yes"])
+        for task in ("flood", "yes"):
+            resp = await api.post(f"/api/v1/tasks/{task}/invoke")
+            assert resp.status_code == 502
+            record = resp.json()
+            assert record["error"]["code"] == "output_limit"
+            out = await api.get(f"/api/v1/executions/{record['execution_id']}/output")
+            assert len(out.content) == 100_000  # exactly the first max_output_bytes
 
 
 async def test_request_timeout_may_only_shorten(api: httpx.AsyncClient) -> None:
