@@ -156,6 +156,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | N
     if first.get("type") == "extra_forbidden":
         return 422, f"{where} is not a known field", where
     rule = str(first.get("msg", "is invalid")).replace("Input should be", "must be")
+    rule = rule.replace("String should", "must")
     rule = rule.replace("Value error, ", "")
     got = f", got {_short(first['input'])}" if "input" in first and where else ""
     message = f"{where} {rule[0].lower()}{rule[1:]}{got}" if where else rule

@@ -352,6 +352,13 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
         "(5002 characters)",
     ),
     ("GET", "/api/v1/nowhere", {}, 404, "no route for GET /api/v1/nowhere"),
+    (
+        "POST",
+        "/api/v1/tasks",
+        {"json": {"name": "9lives", "runtime": "process", "command": ["a"]}},
+        422,
+        "name must match pattern '^[A-Za-z]",
+    ),
     ("PUT", "/api/v1/tasks", {}, 405, "method PUT is not allowed"),
 ]
 
