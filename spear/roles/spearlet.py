@@ -8,7 +8,6 @@ one execution id twice at once.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Any
 
@@ -150,19 +149,9 @@ class Spearlet:
         scope.cancel()
         return True
 
-    def is_running(self, execution_id: ExecutionId) -> bool:
-        return execution_id in self._running
-
     def statistics(self) -> dict[str, Any]:
         return {
             "running": len(self._running),
             "outcomes": dict(self._outcomes),
             "runtimes": self._runtimes.statistics(),
         }
-
-
-def remaining_s(deadline: float) -> float:
-    """Seconds left until a trio-clock deadline (never negative; inf stays inf)."""
-    if math.isinf(deadline):
-        return deadline
-    return max(0.0, deadline - trio.current_time())
