@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -167,19 +167,7 @@ class TaskService:
             if first is not None and (entry := self._sync.get(first)) is not None:
                 await entry.done.wait()
                 return entry.record, entry.output
-        now = self._now()
-        record = ExecutionRecord(
-            execution_id=new_execution_id(now),
-            task_id=task.task_id,
-            task_name=task.name,
-            mode="sync",
-            status=ExecStatus.RUNNING,
-            node_id=None,
-            attempts=1,
-            created_at=now,
-            started_at=now,
-            idempotency_key=idempotency_key,
-        )
+        record = self._new_record(task, "sync", idempotency_key)
         entry = _SyncEntry(record=record)
         self._remember(entry)
         try:
@@ -199,6 +187,24 @@ class TaskService:
         self._evict()
         entry.done.set()
         return entry.record, outcome.output
+
+    def _new_record(
+        self, task: TaskRecord, mode: Literal["sync", "async"], idempotency_key: str | None
+    ) -> ExecutionRecord:
+        """A new execution: a sync one starts running now, an async one waits its turn."""
+        now = self._now()
+        running = mode == "sync"
+        return ExecutionRecord(
+            execution_id=new_execution_id(now),
+            task_id=task.task_id,
+            task_name=task.name,
+            mode=mode,
+            status=ExecStatus.RUNNING if running else ExecStatus.PENDING,
+            attempts=1 if running else 0,
+            created_at=now,
+            started_at=now if running else None,
+            idempotency_key=idempotency_key,
+        )
 
     def _remember(self, entry: _SyncEntry) -> None:
         record = entry.record
@@ -243,16 +249,7 @@ class TaskService:
                     " sms.async_queue_limit); retry later",
                     retry_after_s=1.0,
                 )
-            now = self._now()
-            record = ExecutionRecord(
-                execution_id=new_execution_id(now),
-                task_id=task.task_id,
-                task_name=task.name,
-                mode="async",
-                status=ExecStatus.PENDING,
-                created_at=now,
-                idempotency_key=idempotency_key,
-            )
+            record = self._new_record(task, "async", idempotency_key)
             # The input travels with the record: it is part of what was acknowledged.
             await self._apply(PutExecution(record=record, input=data))
             self._enqueue(record.execution_id)
