@@ -15,6 +15,7 @@ Store layout (values are CBOR):
     execlog/<execution_id>           log bytes
     idem/<task_id>/<sha256(key)>     execution_id
     meta/node_id                     this node's permanent id
+    meta/applied                     the log index of the last command applied
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spear import wire
-from spear.errors import ConflictError, NotFoundError
+from spear.errors import ConflictError, NotFoundError, SpearError, WireError
 from spear.model import ExecutionId, ExecutionRecord, FileId, TaskId, TaskRecord
 from spear.store import Delete, Put, Store, WriteOp
 
@@ -60,6 +61,101 @@ class PutExecution:
 
 
 Command = RegisterTask | DeleteTask | AddFile | PutExecution
+
+#: append-only command tags of the replicated log
+_TAGS: dict[type, str] = {
+    RegisterTask: "task.register",
+    DeleteTask: "task.delete",
+    AddFile: "file.add",
+    PutExecution: "exec.put",
+}
+
+
+def encode_command(command: Command) -> bytes:
+    """The command as one CBOR map, the payload of a Raft log entry."""
+    match command:
+        case RegisterTask(record=record):
+            body: dict[str, Any] = {"record": record.to_doc()}
+        case DeleteTask(task_id=task_id):
+            body = {"task_id": task_id}
+        case AddFile():
+            body = {
+                "file_id": command.file_id,
+                "size": command.size,
+                "name": command.name,
+                "created_at": command.created_at,
+            }
+        case PutExecution(record=record):
+            body = {
+                "record": record.to_doc(),
+                "input": command.input,
+                "output": command.output,
+                "logs": command.logs,
+            }
+    return wire.dumps({"c": _TAGS[type(command)], **body})
+
+
+def decode_command(data: bytes) -> Command:
+    """Decode a log entry's payload.
+
+    Raises:
+        WireError: the payload is not a command this version knows.
+    """
+    doc = wire.loads(data)
+    try:
+        match doc["c"]:
+            case "task.register":
+                return RegisterTask(record=TaskRecord.from_doc(doc["record"]))
+            case "task.delete":
+                return DeleteTask(task_id=TaskId(str(doc["task_id"])))
+            case "file.add":
+                return AddFile(
+                    file_id=FileId(str(doc["file_id"])),
+                    size=int(doc["size"]),
+                    name=str(doc["name"]),
+                    created_at=float(doc["created_at"]),
+                )
+            case "exec.put":
+                return PutExecution(
+                    record=ExecutionRecord.from_doc(doc["record"]),
+                    input=_optional_bytes(doc.get("input")),
+                    output=_optional_bytes(doc.get("output")),
+                    logs=_optional_bytes(doc.get("logs")),
+                )
+            case other:
+                raise WireError(f"unknown command {other!r} in a log entry")
+    except (KeyError, TypeError, ValueError) as exc:  # pydantic's errors are ValueErrors
+        raise WireError(f"malformed command in a log entry: {exc}") from exc
+
+
+def _optional_bytes(value: object) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    raise WireError(f"expected bytes or null in a log entry, got {type(value).__name__}")
+
+
+_APPLIED = b"meta/applied"
+#: the key prefixes of the replicated state (everything but this node's own meta/ keys)
+_STATE_PREFIXES = (
+    b"task/",
+    b"taskname/",
+    b"file/",
+    b"exec/",
+    b"execout/",
+    b"execin/",
+    b"execlog/",
+    b"idem/",
+)
+
+
+def _is_row(row: object) -> bool:
+    return (
+        isinstance(row, list)
+        and len(row) == 2
+        and isinstance(row[0], bytes)
+        and row[0].startswith(_STATE_PREFIXES)
+        and isinstance(row[1], bytes)
+    )
 
 
 def _k(*parts: str) -> bytes:
@@ -97,17 +193,60 @@ class SmsState:
 
     # --- commands --------------------------------------------------------------------------
 
-    def apply(self, command: Command) -> None:
+    def apply(self, command: Command, *, index: int | None = None) -> None:
         """Apply one command durably and atomically.
+
+        Args:
+            index: the Raft log index of the command; stored with its changes in the same
+                batch (also when the command is refused) so a restart replays the log from
+                exactly the next entry.
 
         Raises:
             ConflictError: a task name is taken.
             NotFoundError: the task to delete does not exist.
         """
         with self._lock:
-            ops = list(self._ops_for(command))
-            self._store.write_batch(ops)
+            marker: list[WriteOp] = [] if index is None else [Put(_APPLIED, str(index).encode())]
+            try:
+                ops = list(self._ops_for(command))
+            except SpearError:
+                if marker:
+                    self._store.write_batch(marker)
+                raise
+            self._store.write_batch(ops + marker)
             self._index(command)
+
+    def applied_index(self) -> int:
+        """The log index of the last command applied (0 before any)."""
+        with self._lock:
+            raw = self._store.get(_APPLIED)
+        return 0 if raw is None else int(raw)
+
+    def snapshot(self) -> bytes:
+        """The whole replicated state as one CBOR value (a Raft snapshot's payload)."""
+        with self._lock:
+            rows = [[k, v] for prefix in _STATE_PREFIXES for k, v in self._store.scan(prefix)]
+        return wire.dumps(rows)
+
+    def restore(self, snapshot: bytes, *, index: int) -> None:
+        """Replace the replicated state by a snapshot taken at log `index`.
+
+        Raises:
+            WireError: the snapshot is malformed (nothing is changed then).
+        """
+        rows = wire.loads(snapshot, max_bytes=len(snapshot))
+        if not isinstance(rows, list) or not all(_is_row(row) for row in rows):
+            raise WireError("malformed snapshot: expected a list of [key, value] byte pairs")
+        with self._lock:
+            ops: list[WriteOp] = [
+                Delete(k) for prefix in _STATE_PREFIXES for k, _ in self._store.scan(prefix)
+            ]
+            ops += [Put(k, v) for k, v in rows]
+            self._store.write_batch([*ops, Put(_APPLIED, str(index).encode())])
+            self._tasks.clear()
+            self._names.clear()
+            self._files.clear()
+        self.load()
 
     def _ops_for(self, command: Command) -> Iterable[WriteOp]:
         match command:
