@@ -10,6 +10,7 @@ the guest for real (epoch interrupt, process-group kill) before `trio.Cancelled`
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any, Final, Protocol
 
 import trio
@@ -17,8 +18,38 @@ import trio
 from spear.errors import ValidationError
 from spear.model import FunctionSpec, RunOutcome
 
-#: the instance mode this release implements in every runtime
+#: a fresh instance per invocation: stdin -> stdout, exit code 0 = success
 PER_CALL: Final = "per-call"
+#: a warm instance serving many invocations over the framed protocol (DESIGN.md section 5)
+WORKER: Final = "worker"
+
+
+class Instance(Protocol):
+    """One warm instance of a task in mode `worker`, started by `Runtime.start_instance`.
+
+    The InstancePool owns instances: it starts them, hands each to at most
+    `max_concurrency` callers at once, and evicts one whose `healthy` turns False (a crash, a
+    protocol violation, a timed-out request that could not be stopped cleanly).
+    """
+
+    @property
+    def healthy(self) -> bool:
+        """False once the instance can no longer serve (the pool then evicts it)."""
+        ...
+
+    async def invoke(self, data: bytes, *, deadline: float, execution_id: str) -> RunOutcome:
+        """Serve one invocation; `deadline` is a `trio.current_time()`.
+
+        Function-level failures are outcomes (as in `Runtime.run`); `cold` in the outcome is
+        False (the pool marks the first request of a fresh instance cold). Safe to call
+        concurrently when the task allows `max_concurrency > 1`. On cancellation the request
+        is abandoned; an instance that cannot abandon it cleanly marks itself unhealthy.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Stop the instance for real (kill, remove) and release its resources; idempotent."""
+        ...
 
 
 class Runtime(Protocol):
@@ -64,16 +95,30 @@ class Runtime(Protocol):
         """
         ...
 
+    async def start_instance(self, spec: FunctionSpec) -> Instance:
+        """Start one warm instance of a task in mode `worker` (ready to serve on return).
+
+        Raises:
+            RuntimeFailure: the instance could not be started (the caller counts it as a
+                failed cold start).
+        """
+        ...
+
     async def aclose(self) -> None:
         """Release what the runtime holds (threads, temp dirs); idempotent."""
         ...
 
 
-def check_mode(runtime: str, spec: FunctionSpec) -> None:
-    """Refuse modes this release does not implement yet."""
-    if spec.mode != PER_CALL:
+def check_mode(runtime: str, spec: FunctionSpec, modes: Collection[str] = (PER_CALL,)) -> None:
+    """Refuse a task whose mode is not among the runtime's supported `modes`.
+
+    Raises:
+        ValidationError: naming the mode, the runtime and the modes it supports.
+    """
+    if spec.mode not in modes:
+        supported = ", ".join(repr(mode) for mode in modes)
         raise ValidationError(
-            f"mode {spec.mode!r} is not supported by runtime {runtime!r} yet; use {PER_CALL!r}",
+            f"mode {spec.mode!r} is not supported by runtime {runtime!r}; use one of {supported}",
             field="mode",
         )
 

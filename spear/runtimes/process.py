@@ -20,24 +20,18 @@ Limits and how they hold:
 - network: with `isolate_network`, the call runs under `unshare -n` (an empty network
   namespace; needs root, checked at start).
 
-Why rlimits are set by `/bin/sh -c 'ulimit ...; exec "$0" "$@"'`: any `preexec_fn` makes
-CPython leave its vfork fast path (measured: /bin/true 5.0 ms instead of 1.25 ms), and
-`prlimit` on the pid after spawn races with the child's first allocations. The shell's
-builtins cost one extra exec (1.7 ms in all) and take the arguments as "$@", never parsed.
-Limits are only ever lowered (raising a hard limit fails without CAP_SYS_RESOURCE): each
-value is clamped to the node's own hard limit.
+Rlimits are set by a `/bin/sh -c 'ulimit ...; exec "$0" "$@"'` wrapper (process_spawn says
+why). Mode `worker` starts the same command line, under the same limits except RLIMIT_CPU
+(only `cpu_time_limit_s`, as a worker's CPU time adds up), as a warm instance speaking
+spear.worker_protocol (see spear.runtimes.process_worker).
 """
 
 from __future__ import annotations
 
-import errno
-import logging
 import math
 import os
-import resource
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,7 +44,7 @@ import trio
 from spear.config import ProcessConfig
 from spear.errors import ArtifactError, ConfigError, RuntimeFailure, ValidationError
 from spear.model import ErrorCode, ExecStatus, FunctionSpec, RunOutcome
-from spear.runtimes.base import PER_CALL, check_mode, effective_timeout_s
+from spear.runtimes.base import PER_CALL, WORKER, Instance, check_mode, effective_timeout_s
 from spear.runtimes.outcomes import (
     SUCCEEDED,
     LogCapture,
@@ -61,21 +55,20 @@ from spear.runtimes.outcomes import (
     output_overflowed,
     timed_out,
 )
+from spear.runtimes.process_spawn import (
+    MEMORY_MARKERS,
+    SHELL,
+    kill_group,
+    limits_script,
+    signal_name,
+    spawn,
+    wait_exited,
+)
+from spear.runtimes.process_worker import ProcessInstance, WorkerSettings
 
-log = logging.getLogger(__name__)
-
-SHELL: Final = "/bin/sh"
 READ_CHUNK_BYTES: Final = 65536
 #: after the main process exits and its group is killed, how long the pipes may take to close
 DRAIN_S: Final = 1.0
-#: stderr fragments that say an allocation failed (Python, C, glibc, C++, Rust, Go)
-MEMORY_MARKERS: Final = (
-    b"MemoryError",
-    b"Cannot allocate memory",
-    b"out of memory",
-    b"std::bad_alloc",
-    b"memory allocation of",
-)
 
 
 class ProcessRuntime:
@@ -83,13 +76,21 @@ class ProcessRuntime:
 
     name = "process"
 
-    def __init__(self, config: ProcessConfig, *, work_dir: Path) -> None:
+    def __init__(
+        self,
+        config: ProcessConfig,
+        *,
+        work_dir: Path,
+        worker_settings: WorkerSettings | None = None,
+    ) -> None:
         """Check the config and create the work directories.
 
         Args:
             config: the `[runtimes.process]` section.
             work_dir: absolute directory for staged artifacts (`artifacts/`) and the calls'
                 working directory (`scratch/`).
+            worker_settings: start and cancel bounds of worker instances (mode `worker`);
+                None for the defaults.
 
         Raises:
             ConfigError: `isolate_network` is set but this node cannot use `unshare -n`.
@@ -112,6 +113,8 @@ class ProcessRuntime:
         self._staged: set[str] = set()
         self._resolved: dict[tuple[str, str], str | None] = {}
         self._running = 0
+        self._instances: set[ProcessInstance] = set()
+        self._worker_settings = worker_settings or WorkerSettings()
 
     # --- the Runtime protocol -----------------------------------------------------------
 
@@ -119,12 +122,12 @@ class ProcessRuntime:
         return {
             "available": True,
             "version": f"{os.uname().sysname} {os.uname().release}",
-            "modes": [PER_CALL],
+            "modes": [PER_CALL, WORKER],
             "isolate_network": self._config.isolate_network,
         }
 
     def validate_task(self, spec: FunctionSpec) -> None:
-        check_mode(self.name, spec)
+        check_mode(self.name, spec, (PER_CALL, WORKER))
         if spec.artifact_sha256 is None and not spec.command:
             raise ValidationError(
                 "runtime 'process' needs a command or an artifact", field="command"
@@ -165,17 +168,47 @@ class ProcessRuntime:
         finally:
             self._running -= 1
 
+    async def start_instance(self, spec: FunctionSpec) -> Instance:
+        """Start a worker process of `spec` and wait for its hello.
+
+        The hello may take `worker_settings.start_timeout_s` or the task's timeout, the
+        longer. The command line, limits and environment are those of a per-call run, except
+        that RLIMIT_CPU is only set from `cpu_time_limit_s` (a worker's CPU time adds up).
+
+        Raises:
+            RuntimeFailure: the executable cannot be staged or started, or the worker exited,
+                broke the protocol or sent no hello in time (the message says which).
+        """
+        argv = await self._argv(spec, None)
+        env = {**self._base_env, **spec.env}
+        instance = await ProcessInstance.start(
+            spec,
+            argv,
+            env=env,
+            cwd=self._scratch,
+            on_close=self._instances.discard,
+            settings=self._worker_settings,
+        )
+        self._instances.add(instance)
+        return instance
+
     async def aclose(self) -> None:
-        """Nothing to release: every call reaps its own processes."""
+        """Close the worker instances still open (per-call runs reap their own processes)."""
+        for instance in list(self._instances):
+            await instance.aclose()
 
     def statistics(self) -> dict[str, Any]:
-        return {"running": self._running, "staged_artifacts": len(self._staged)}
+        return {
+            "running": self._running,
+            "staged_artifacts": len(self._staged),
+            "worker_instances": len(self._instances),
+        }
 
     # --- one call -----------------------------------------------------------------------
 
     async def _run(self, call: _Call, argv: list[str], data: bytes) -> RunOutcome:
         try:
-            proc = await _spawn(argv, env={**self._base_env, **call.spec.env}, cwd=self._scratch)
+            proc = await spawn(argv, env={**self._base_env, **call.spec.env}, cwd=self._scratch)
         except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in argv or env
             message = f"cannot start the function: {exc}"
             return early_outcome(failed(ErrorCode.START_FAILED, message))
@@ -187,7 +220,7 @@ class ProcessRuntime:
                 call.stop(ErrorCode.TIMEOUT)
         finally:
             with trio.CancelScope(shield=True):
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
                 await proc.wait()
         return call.outcome(proc.returncode)
 
@@ -198,7 +231,7 @@ class ProcessRuntime:
         def on_stdout(chunk: bytes) -> None:
             if not call.output.write(chunk):
                 call.stop(ErrorCode.OUTPUT_LIMIT)
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_feed, proc.stdin, data)
@@ -206,15 +239,15 @@ class ProcessRuntime:
             nursery.start_soon(
                 _pump_both, proc.stdout, on_stdout, proc.stderr, call.logs.write, pumps_done
             )
-            await _wait_exited(proc)
-            _kill_group(proc.pid)  # stragglers (the leader is a zombie: its pgid is not reused)
+            await wait_exited(proc)
+            kill_group(proc.pid)  # stragglers (the leader is a zombie: its pgid is not reused)
             with trio.move_on_after(DRAIN_S):
                 await pumps_done.wait()
             nursery.cancel_scope.cancel()
 
     # --- the command line ---------------------------------------------------------------
 
-    async def _argv(self, spec: FunctionSpec, timeout_s: float) -> list[str]:
+    async def _argv(self, spec: FunctionSpec, timeout_s: float | None) -> list[str]:
         if spec.artifact_sha256 is not None:
             if spec.artifact_sha256 not in self._staged:
                 await trio.to_thread.run_sync(self._stage, spec)
@@ -228,20 +261,13 @@ class ProcessRuntime:
             target = [exe, *spec.command[1:]]
         return [*self._prefix, SHELL, "-c", self._limits_script(spec, timeout_s), *target]
 
-    def _limits_script(self, spec: FunctionSpec, timeout_s: float) -> str:
-        cpu_s = self._config.cpu_time_limit_s or max(1, math.ceil(timeout_s))
-        steps = [
-            ("-v", _clamp(resource.RLIMIT_AS, spec.memory_limit_bytes) // 1024),
-            ("-n", _clamp(resource.RLIMIT_NOFILE, self._config.rlimit_nofile)),
-            ("-c", 0),
-            ("-t", _clamp(resource.RLIMIT_CPU, cpu_s + 1)),
-            ("-S -t", _clamp(resource.RLIMIT_CPU, cpu_s)),
-        ]
-        if self._config.rlimit_nproc:
-            steps.append(("-p", _clamp(resource.RLIMIT_NPROC, self._config.rlimit_nproc)))
-        limits = " && ".join(f"ulimit {flag} {value}" for flag, value in steps)
-        # unset PWD: the shell exports it, the function's environment must not show it
-        return f'{limits} && unset PWD && exec "$0" "$@"'
+    def _limits_script(self, spec: FunctionSpec, timeout_s: float | None) -> str:
+        """The rlimit wrapper; `timeout_s` None (a worker) sets RLIMIT_CPU only if configured."""
+        if self._config.cpu_time_limit_s:
+            cpu_s: int | None = self._config.cpu_time_limit_s
+        else:
+            cpu_s = None if timeout_s is None else max(1, math.ceil(timeout_s))
+        return limits_script(self._config, memory_limit_bytes=spec.memory_limit_bytes, cpu_s=cpu_s)
 
     def _resolve(self, command: str, spec: FunctionSpec) -> str | None:
         """The executable `command` names on the call's PATH (cached: a lookup costs
@@ -312,7 +338,7 @@ class _Call:
         if code == -signal.SIGXCPU:
             message = "the function used up its CPU time limit (RLIMIT_CPU) and was killed"
             return Verdict(ExecStatus.TIMEOUT, ErrorCode.TIMEOUT, message, code)
-        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+        how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with code {code}"
         if self.logs.contains(MEMORY_MARKERS):
             message = (
                 f"the function {how} after an allocation failed under its memory_limit_bytes"
@@ -322,42 +348,7 @@ class _Call:
         return failed(ErrorCode.EXIT_NONZERO, f"the function {how}", code)
 
 
-# --- process plumbing -------------------------------------------------------------------
-
-
-async def _spawn(argv: list[str], *, env: dict[str, str], cwd: Path) -> trio.Process:
-    for attempt in range(3):
-        try:
-            return await trio.lowlevel.open_process(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            # A freshly staged artifact can still be open for writing in a child that another
-            # thread forked meanwhile (until that child execs): "text file busy", retry.
-            if exc.errno != errno.ETXTBSY or attempt == 2:
-                raise
-            await trio.sleep(0.01)
-    raise AssertionError("unreachable")
-
-
-async def _wait_exited(proc: trio.Process) -> None:
-    """Wait until the main process has exited, without reaping it (so its pgid stays ours)."""
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-    except OSError:  # pragma: no cover - kernels before 5.3: reap, then kill the group
-        await proc.wait()
-        return
-    try:
-        await trio.lowlevel.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
+# --- the pipes of one call ----------------------------------------------------------------
 
 
 async def _feed(stream: trio.abc.SendStream, data: bytes) -> None:
@@ -385,25 +376,3 @@ async def _pump(stream: trio.abc.ReceiveStream, sink: Callable[[bytes], None]) -
         async with stream:
             while chunk := await stream.receive_some(READ_CHUNK_BYTES):
                 sink(bytes(chunk))
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    except PermissionError:  # pragma: no cover - a member changed its uid
-        log.warning("cannot kill process group %d", pgid)
-
-
-def _clamp(which: int, value: int) -> int:
-    """`value`, or the node's own hard limit if that is lower (limits can only go down)."""
-    _soft, hard = resource.getrlimit(which)
-    return value if hard == resource.RLIM_INFINITY else min(value, hard)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"

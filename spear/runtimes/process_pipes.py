@@ -1,0 +1,168 @@
+"""The pipes of one worker process, multiplexed: frames out to stdin, frames and logs in.
+
+One epoll set watches the worker's stdout and stderr, its pidfd (readable once the main
+process exits) and, while frames wait to be written, its stdin. trio waits on the epoll
+descriptor itself, so a single task moves bytes both ways with no helper tasks: whichever
+caller holds the pump role (see process_worker) calls `wait()`, then `ready()` and the
+non-blocking `flush()`, `read_stdout()` and `read_stderr()`. Writing never blocks: a frame
+the pipe cannot take yet stays queued (a worker busy writing a large answer is still read
+meanwhile, so the two sides cannot deadlock on full pipes)."""
+
+from __future__ import annotations
+
+import os
+import select
+from collections import deque
+from contextlib import suppress
+from typing import Final
+
+import trio
+
+READ_CHUNK_BYTES: Final = 256 * 1024
+
+
+class WorkerPipes:
+    """The parent's ends of a worker's stdin, stdout and stderr, plus its pidfd.
+
+    Create with `open()` before spawning, pass `child_fds()` to the spawn, then `attach(pid)`.
+    """
+
+    def __init__(self) -> None:
+        stdin_r, self._stdin = os.pipe()
+        self._stdout, stdout_w = os.pipe()
+        self._stderr, stderr_w = os.pipe()
+        self._child = (stdin_r, stdout_w, stderr_w)
+        for fd in (self._stdin, self._stdout, self._stderr):
+            os.set_blocking(fd, False)
+        self._epoll = select.epoll()
+        self._epoll.register(self._stdout, select.EPOLLIN)
+        self._epoll.register(self._stderr, select.EPOLLIN)
+        self._pidfd = -1
+        self._exit_poll = select.poll()
+        self._stderr_open = True
+        self._stdout_open = True
+        self._outbox: deque[memoryview] = deque()
+        self._watching_stdin = False
+        self._closed = False
+
+    def child_fds(self) -> tuple[int, int, int]:
+        """The child's stdin, stdout and stderr ends (closed here by `attach`)."""
+        return self._child
+
+    def attach(self, pid: int) -> None:
+        """Close the child's ends in this process and watch the child's exit."""
+        for fd in self._child:
+            os.close(fd)
+        self._child = (-1, -1, -1)
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError:  # pragma: no cover - kernels before 5.3: stdout EOF tells the exit
+            return
+        self._epoll.register(self._pidfd, select.EPOLLIN)
+        self._exit_poll.register(self._pidfd, select.POLLIN)
+
+    def ready(self) -> tuple[bool, bool, bool]:
+        """After `wait()`: whether (stdout, stderr, the exit) are ready now, in one syscall."""
+        out = err = exited = False
+        for fd, _events in self._epoll.poll(0):
+            out |= fd == self._stdout
+            err |= fd == self._stderr
+            exited |= fd == self._pidfd
+        return out, err, exited
+
+    async def wait(self) -> None:
+        """Wait until something may be read, the process exited, or stdin takes bytes.
+
+        Returns at once, without waiting, after `close()`.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        # closed while waiting: return, the caller sees that the instance is gone
+        with suppress(trio.ClosedResourceError):
+            await trio.lowlevel.wait_readable(self._epoll.fileno())
+
+    def send(self, frame: bytes) -> None:
+        """Queue `frame` and write what the pipe takes now.
+
+        Raises:
+            BrokenPipeError: the worker closed its stdin (it exited, most likely).
+        """
+        self._outbox.append(memoryview(frame))
+        self.flush()
+
+    def flush(self) -> None:
+        """Write queued bytes until the pipe is full; watch stdin while some remain.
+
+        Raises:
+            BrokenPipeError: the worker closed its stdin.
+        """
+        while self._outbox:
+            head = self._outbox[0]
+            try:
+                written = os.write(self._stdin, head)
+            except BlockingIOError:
+                break
+            if written == len(head):
+                self._outbox.popleft()
+            else:
+                self._outbox[0] = head[written:]
+        self._watch_stdin(bool(self._outbox))
+
+    def read_stdout(self) -> bytes | None:
+        """What stdout holds now (b"" if nothing), or None at end of file."""
+        if not self._stdout_open:
+            return None
+        chunk = _read(self._stdout)
+        if chunk is None:
+            # Closed: stop watching it (epoll would report it forever); the exit comes next.
+            self._epoll.unregister(self._stdout)
+            self._stdout_open = False
+        return chunk
+
+    @property
+    def watches_exit(self) -> bool:
+        """Whether `wait()` also wakes when the process exits (pidfd support)."""
+        return self._pidfd >= 0
+
+    def read_stderr(self) -> bytes:
+        """What stderr holds now (b"" if nothing or at end of file)."""
+        chunk = _read(self._stderr)
+        if chunk is None:
+            # The worker closed its stderr: stop watching it, or epoll reports it forever.
+            if self._stderr_open:
+                self._epoll.unregister(self._stderr)
+                self._stderr_open = False
+            return b""
+        return chunk
+
+    def exited(self) -> bool:
+        """Whether the main process has exited (not reaped: its group id stays reserved)."""
+        return bool(self._exit_poll.poll(0)) if self._pidfd >= 0 else False
+
+    def close(self) -> None:
+        """Close every descriptor; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        trio.lowlevel.notify_closing(self._epoll.fileno())
+        self._epoll.close()
+        for fd in (self._stdin, self._stdout, self._stderr, self._pidfd, *self._child):
+            if fd >= 0:
+                os.close(fd)
+        self._outbox.clear()
+
+    def _watch_stdin(self, on: bool) -> None:
+        if on != self._watching_stdin:
+            if on:
+                self._epoll.register(self._stdin, select.EPOLLOUT)
+            else:
+                self._epoll.unregister(self._stdin)
+            self._watching_stdin = on
+
+
+def _read(fd: int) -> bytes | None:
+    try:
+        return os.read(fd, READ_CHUNK_BYTES) or None
+    except BlockingIOError:
+        return b""
