@@ -31,3 +31,20 @@ bootstrap_venv() {
   .venv/bin/python -m pip install -q -e "$1"
   echo "$want" >> "$stamp"
 }
+
+# The private Docker daemon of the tests (scripts/dockerd): start it unless one is up already,
+# build the test images, export DOCKER_HOST. A daemon started here is stopped when the calling
+# script exits (also on failure or Ctrl-C); one that was already running is left alone. Not
+# root, no apt: a note, and the docker tests skip (they fail under CI=true).
+bootstrap_docker() {
+  if ! scripts/dockerd status; then
+    trap 'scripts/dockerd stop' EXIT
+    trap 'exit 130' INT TERM
+    scripts/dockerd start || true
+  fi
+  if scripts/dockerd status && scripts/dockerd images; then
+    eval "$(scripts/dockerd env)"
+  else
+    echo "spear: no Docker daemon; the docker tests will skip (they fail under CI=true)" >&2
+  fi
+}

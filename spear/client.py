@@ -22,6 +22,7 @@ from spear.errors import (
     ConflictError,
     NotFoundError,
     PayloadTooLargeError,
+    SaturatedError,
     SpearError,
     UnavailableError,
     ValidationError,
@@ -72,7 +73,12 @@ def _by_code(*kinds: type[SpearError]) -> dict[str, type[SpearError]]:
 
 
 _ERROR_BY_CODE = _by_code(
-    ValidationError, PayloadTooLargeError, NotFoundError, ConflictError, UnavailableError
+    ValidationError,
+    PayloadTooLargeError,
+    NotFoundError,
+    ConflictError,
+    SaturatedError,
+    UnavailableError,
 )
 _ERROR_BY_STATUS: dict[int, type[SpearError]] = {
     400: ValidationError,
@@ -80,6 +86,7 @@ _ERROR_BY_STATUS: dict[int, type[SpearError]] = {
     409: ConflictError,
     413: PayloadTooLargeError,
     422: ValidationError,
+    429: SaturatedError,
     503: UnavailableError,
 }
 

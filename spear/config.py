@@ -57,6 +57,9 @@ class MeshConfig(Section):
     join: list[str] = Field(default_factory=list)
     join_token: str = ""
     max_frame_bytes: int = Field(default=16 * MiB, ge=1024)
+    profile: Literal["lan", "lan-fast", "loopback"] = Field(
+        default="lan", description="SWIM and Raft timings (docs/cluster.md)"
+    )
 
     @field_validator("listen")
     @classmethod
@@ -74,6 +77,9 @@ class MeshConfig(Section):
 
 class RaftConfig(Section):
     bootstrap_expect: int = Field(default=1, ge=1, le=9)
+    voter: Literal["auto", "yes", "no"] = Field(
+        default="auto", description="auto = a voter if bootstrap_expect > 1 or mesh.join is empty"
+    )
 
 
 class StoreConfig(Section):
@@ -118,8 +124,25 @@ class ProcessConfig(Section):
 
 
 class DockerConfig(Section):
-    enabled: bool = False
+    """The `[runtimes.docker]` section: the daemon, and the limits every container gets."""
+
+    enabled: bool = True
     host: str = Field(default="", description="daemon URL; empty = DOCKER_HOST or the default")
+    pull_policy: Literal["never", "if-missing"] = Field(
+        default="never", description="never: images must already be on the daemon"
+    )
+    network: str = Field(default="none", min_length=1, description="container network mode")
+    cpus: float = Field(default=1.0, ge=0, le=1024, description="CPU quota; 0 = no quota")
+    pids_limit: int = Field(default=128, ge=1, le=1 << 22)
+    read_only_rootfs: bool = True
+    tmp_size_bytes: int = Field(
+        default=16 * MiB, ge=0, description="tmpfs on /tmp (counts as memory); 0 = none"
+    )
+    max_api_calls: int = Field(
+        default=16, ge=1, le=256, description="daemon calls in flight (worker threads)"
+    )
+    api_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    pull_timeout_s: float = Field(default=300.0, gt=0, le=86400)
 
 
 class RuntimesConfig(Section):
@@ -143,10 +166,24 @@ class RuntimesConfig(Section):
 
 
 class PoolConfig(Section):
-    min_instances: int = Field(default=0, ge=0)
-    max_instances: int = Field(default=4, ge=1)
-    max_concurrency: int = Field(default=1, ge=1)
-    idle_timeout_s: float = Field(default=300.0, gt=0)
+    """Defaults of the warm-instance pools of tasks in mode `worker` (docs/pool.md)."""
+
+    min_instances: int = Field(default=0, ge=0, le=1024, description="kept warm, prewarmed")
+    max_instances: int = Field(default=4, ge=1, le=1024)
+    max_concurrency: int = Field(default=1, ge=1, le=1024, description="requests per instance")
+    idle_timeout_s: float = Field(default=300.0, gt=0, le=86400)
+    max_requests: int = Field(default=0, ge=0, description="requests before recycling; 0 = never")
+    acquire_timeout_ms: int = Field(default=10_000, ge=0, le=900_000)
+    max_waiters: int = Field(default=1000, ge=0, le=100_000, description="callers queued per task")
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> PoolConfig:
+        if self.min_instances > self.max_instances:
+            raise ValueError(
+                f"min_instances ({self.min_instances}) must be at most"
+                f" max_instances ({self.max_instances})"
+            )
+        return self
 
 
 class SmsConfig(Section):

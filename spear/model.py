@@ -73,6 +73,8 @@ class ErrorCode(enum.StrEnum):
     CANCELLED = "cancelled"
     START_FAILED = "start_failed"
     NODE_LOST = "node_lost"
+    FUNCTION_ERROR = "function_error"  # a worker answered with an error
+    WORKER_LOST = "worker_lost"  # a worker crashed, broke the protocol or was killed
 
 
 # --- task definitions (validated client input) ---------------------------------------------
@@ -83,12 +85,19 @@ class _Spec(BaseModel):
 
 
 class PoolSpec(_Spec):
-    """Warm-instance pool settings (used by mode `worker`; defaults come from `[pool]`)."""
+    """Warm-instance pool settings of one task in mode `worker`; unset keys come from `[pool]`."""
 
     min_instances: int | None = Field(default=None, ge=0, le=1024, strict=True)
     max_instances: int | None = Field(default=None, ge=1, le=1024, strict=True)
     max_concurrency: int | None = Field(default=None, ge=1, le=1024, strict=True)
     idle_timeout_s: float | None = Field(default=None, gt=0, le=86400)
+    max_requests: int | None = Field(
+        default=None, ge=0, strict=True, description="requests before recycling; 0 = never"
+    )
+    acquire_timeout_ms: int | None = Field(
+        default=None, ge=0, le=900_000, strict=True, description="wait for a free instance"
+    )
+    max_waiters: int | None = Field(default=None, ge=0, le=100_000, strict=True)
 
 
 class PlacementSpec(_Spec):

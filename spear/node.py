@@ -1,7 +1,8 @@
-"""A spear node: one nursery tree running store → runtimes → Spearlet → SMS → gateway.
+"""A spear node: one nursery tree running store → runtimes → Spearlet → gateway → mesh →
+leadership watcher → (while leading) SMS (DESIGN.md section 2).
 
-On one node the node is always the leader, so the SMS and the gateway run for the node's whole
-life; the mesh issue puts them under a leadership watcher that opens and cancels their scope.
+Every node serves HTTP: the leader's API while it leads, else a proxy to the leader. A node
+with no `mesh.join` and `raft.bootstrap_expect = 1` is a one-node cluster that leads at once.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import httpx
 import trio
 
 from spear.config import Config
-from spear.errors import ConfigError, SpearError
+from spear.errors import ConfigError, SpearError, UnavailableError
 from spear.host import HostMetrics
 from spear.model import new_node_id
 from spear.roles import (
@@ -32,7 +35,11 @@ from spear.roles import (
     build_app,
     serve_gateway,
 )
-from spear.runtimes import open_runtime_manager
+from spear.roles.cluster import ClusterHandle, is_voter, serve_cluster
+from spear.roles.forwarding import ForwardingApp
+from spear.roles.invoke_path import ASGIApp
+from spear.roles.leadership import LeaderServices, RoleRouter, serve_leadership
+from spear.runtimes import RuntimeManager, open_runtime_manager
 from spear.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -40,19 +47,33 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeHandle:
-    """A running node, as `serve_node` reports it once every service is up."""
+    """A running node, as `serve_node` reports it once it serves HTTP (and, for a lone
+    node, once it leads)."""
 
     node_id: str
     name: str
     http_url: str
     data_dir: Path
-    service: TaskService
+    cluster: ClusterHandle
+    leader: LeaderServices
+
+    @property
+    def service(self) -> TaskService:
+        """The TaskService of this node while it leads (tests and the demo use it)."""
+        if self.leader.service is None:
+            raise UnavailableError(f"node {self.name} is not leading right now")
+        return self.leader.service
 
 
 def store_path(config: Config) -> Path:
     if config.store.path:
         return Path(config.store.path)
     return config.data_dir / f"store.{config.store.backend}"
+
+
+def is_lone(config: Config) -> bool:
+    """A node that forms a one-node cluster by itself (the embedded default)."""
+    return is_voter(config) and config.raft.bootstrap_expect == 1 and not config.mesh.join
 
 
 async def serve_node(
@@ -78,45 +99,143 @@ async def _serve_node_locked(
         await trio.to_thread.run_sync(state.load)
         node_id = state.node_id(new_node_id())
         artifacts = ArtifactStore(data_dir / "files")
-        async with open_runtime_manager(config.runtimes, data_dir=data_dir) as runtimes:
+        async with open_runtime_manager(
+            config.runtimes, data_dir=data_dir, node_id=node_id
+        ) as runtimes:
             spearlet = Spearlet(
-                node_id=node_id, runtimes=runtimes, limits=config.runtimes, artifacts=artifacts
+                node_id=node_id,
+                runtimes=runtimes,
+                limits=config.runtimes,
+                artifacts=artifacts,
+                pool=config.pool,
             )
-            service = TaskService(
-                config=config.sms, state=state, spearlet=spearlet, artifacts=artifacts
-            )
-            for task in state.tasks():
-                try:
-                    await spearlet.prepare(task)
-                except SpearError as exc:
-                    log.warning(
-                        "task %s (%s) cannot run on this node: %s", task.name, task.task_id, exc
-                    )
-            async with trio.open_nursery() as nursery:
-                await nursery.start(service.serve_async_workers)
-                info = NodeInfo(
-                    node_id=node_id,
-                    name=config.node.display_name,
-                    http_address=config.gateway.http,
-                    mesh_address=config.mesh.listen,
-                    labels=dict(config.node.labels),
-                    runtimes=runtimes.describe(),
+            await _prepare_tasks(spearlet, state)
+            # The client outlives the nursery: the gateway forwards with it until the end.
+            async with (
+                httpx.AsyncClient(
+                    timeout=httpx.Timeout(None, connect=config.gateway.graceful_timeout_s)
+                ) as upstream,
+                trio.open_nursery() as nursery,
+            ):
+                await nursery.start(spearlet.serve)
+                handle = await _serve_roles(
+                    nursery, config, data_dir, store, state, spearlet, runtimes, artifacts, upstream
                 )
-                app = build_app(service, info, config.gateway, HostMetrics(data_dir))
-                url = await nursery.start(serve_gateway, app, config.gateway)
-                log.info("node %s (%s) serving %s", info.name, node_id, url)
-                task_status.started(
-                    NodeHandle(
-                        node_id=node_id,
-                        name=info.name,
-                        http_url=url,
-                        data_dir=data_dir,
-                        service=service,
-                    )
-                )
+                log.info("node %s (%s) serving %s", handle.name, node_id, handle.http_url)
+                if is_lone(config):
+                    await handle.leader.wait_serving()
+                task_status.started(handle)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
+
+
+async def _prepare_tasks(spearlet: Spearlet, state: SmsState) -> None:
+    for task in state.tasks():
+        try:
+            await spearlet.prepare(task)
+        except SpearError as exc:
+            log.warning("task %s (%s) cannot run on this node: %s", task.name, task.task_id, exc)
+
+
+async def _serve_roles(
+    nursery: trio.Nursery,
+    config: Config,
+    data_dir: Path,
+    store: Store,
+    state: SmsState,
+    spearlet: Spearlet,
+    runtimes: RuntimeManager,
+    artifacts: ArtifactStore,
+    upstream: httpx.AsyncClient,
+) -> NodeHandle:
+    """Start the gateway, the mesh role and the leadership watcher, in that order."""
+    node_id, name = spearlet.node_id, config.node.display_name
+    leader = LeaderServices()
+    cluster: ClusterHandle | None = None
+
+    def locate_leader() -> str | None:
+        return None if cluster is None else cluster.leader_http()
+
+    def health() -> dict[str, object]:
+        soft = cluster.replicator.soft_state if cluster else None
+        return {
+            "status": "ok",
+            "node_id": node_id,
+            "name": name,
+            "role": soft.role if soft else "starting",
+            "leader_id": soft.leader_id if soft else None,
+            "serving": leader.service is not None,
+        }
+
+    follower = ForwardingApp(locate_leader, node_id=node_id, client=upstream)
+    url: str = await nursery.start(
+        serve_gateway, RoleRouter(leader, follower, health), config.gateway
+    )
+    mesh: ClusterHandle = await nursery.start(
+        partial(
+            serve_cluster,
+            config,
+            node_id=node_id,
+            data_dir=data_dir,
+            store=store,
+            state=state,
+            artifacts=artifacts,
+            http_address=url.removeprefix("http://"),
+            runtimes=runtimes.available,
+        )
+    )
+    cluster = mesh
+    info = NodeInfo(
+        node_id=node_id,
+        name=name,
+        http_address=url.removeprefix("http://"),
+        mesh_address=mesh.mesh_address,
+        labels=dict(config.node.labels),
+        runtimes=runtimes.describe(),
+    )
+    host = HostMetrics(data_dir)
+    replicator = mesh.replicator
+
+    def make_service() -> TaskService:
+        return TaskService(
+            config=config.sms,
+            state=state,
+            spearlet=spearlet,
+            artifacts=artifacts,
+            commit=replicator.commit,
+            replicate_file=mesh.replicate_file,
+        )
+
+    def build(service: TaskService) -> ASGIApp:
+        return build_app(service, info, config.gateway, host, cluster=mesh)
+
+    async def before_leading() -> None:
+        # A new leader may lack blobs uploaded through another: fetch them first.
+        for task in state.tasks():
+            file_id = task.spec.artifact
+            if file_id is not None and not await mesh.ensure_file(file_id):
+                log.warning("no member holds artifact %s of task %s", file_id, task.name)
+        await _prepare_tasks(spearlet, state)
+
+    await nursery.start(
+        partial(
+            serve_leadership,
+            replicator,
+            leader,
+            make_service=make_service,
+            build_app=build,
+            before_leading=before_leading,
+        )
+    )
+    return NodeHandle(
+        node_id=node_id,
+        name=name,
+        http_url=url,
+        data_dir=data_dir,
+        cluster=mesh,
+        leader=leader,
+    )
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.docker_env import docker_api, docker_node_label, docker_runtime  # noqa: F401
 from tests.subprocesses import NodeProcess, SpearCli, run_spear
 from tests.wasm_programs import PROGRAMS, PROGRAMS_DIR, build_c_program, compiler_available
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import NoReturn, TypeAlias
 
 from spear.cli import commands
+from spear.cli.cluster import add_cluster_flags, cmd_cluster
 from spear.cli.output import EXIT_USAGE, fail
 from spear.cli.serve import add_node_flags, cmd_demo, cmd_node
 
@@ -43,6 +44,15 @@ def build_parser() -> Parser:
         node_flags,
         "start a node, register and invoke the `upper` WASM function, keep serving",
     )
+
+    cluster = _command(
+        sub,
+        "cluster",
+        cmd_cluster,
+        Parser(add_help=False),
+        "run a cluster of N nodes on this machine until Ctrl-C",
+    )
+    add_cluster_flags(cluster)
 
     client = Parser(add_help=False)
     commands.add_client_flags(client)

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import cbor2
 import trio
@@ -31,6 +31,7 @@ from spear.errors import ConfigError, NotFoundError, SpearError
 from spear.host import HostMetrics
 from spear.model import ExecStatus, TaskRecord, TaskSpec
 from spear.roles.invoke_path import (
+    ASGIApp,
     Gateway,
     InvokeRequest,
     answer_invoke,
@@ -105,7 +106,7 @@ class AcceptedDoc(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorDoc} for code in (400, 404, 409, 413, 422, 503)
+    code: {"model": ErrorDoc} for code in (400, 404, 409, 413, 422, 429, 503)
 }
 
 
@@ -166,14 +167,31 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | N
 
 
 def build_app(
-    service: TaskService, node: NodeInfo, config: GatewayConfig, host: HostMetrics
+    service: TaskService,
+    node: NodeInfo,
+    config: GatewayConfig,
+    host: HostMetrics,
+    *,
+    cluster: ClusterView | None = None,
 ) -> Gateway:
     """The gateway's ASGI application: the invoke fast path in front of the control app."""
-    return Gateway(service, build_control_app(service, node, config, host), config)
+    control = build_control_app(service, node, config, host, cluster=cluster)
+    return Gateway(service, control, config)
+
+
+class ClusterView(Protocol):
+    """What the gateway asks of the mesh role (spear.roles.cluster.ClusterHandle)."""
+
+    def status(self) -> dict[str, Any]: ...
 
 
 def build_control_app(
-    service: TaskService, node: NodeInfo, config: GatewayConfig, host: HostMetrics
+    service: TaskService,
+    node: NodeInfo,
+    config: GatewayConfig,
+    host: HostMetrics,
+    *,
+    cluster: ClusterView | None = None,
 ) -> FastAPI:
     """The FastAPI app serving every route, with the OpenAPI description and /docs."""
     app = FastAPIOffline(
@@ -213,7 +231,9 @@ def build_control_app(
         return {"status": "ok", "node_id": node.node_id, "name": node.name, "role": "leader"}
 
     @app.get(f"{API}/cluster", tags=["cluster"])
-    async def cluster(request: Request) -> Response:
+    async def cluster_doc(request: Request) -> Response:
+        if cluster is not None:
+            return _doc(request, cluster.status())
         member = {
             "node_id": node.node_id,
             "name": node.name,
@@ -255,6 +275,7 @@ def build_control_app(
     @app.get(f"{API}/resources", tags=["cluster"])
     async def resources(request: Request) -> Response:
         report = {"node_id": node.node_id, "name": node.name, **host.sample()}
+        report["pools"] = service.statistics()["spearlet"]["pools"]
         return _doc(request, {"resources": [report]})
 
     # --- files ------------------------------------------------------------------------------
@@ -409,7 +430,7 @@ def build_control_app(
 
 
 async def serve_gateway(
-    app: Gateway,
+    app: ASGIApp,
     config: GatewayConfig,
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,

@@ -23,6 +23,7 @@ from spear.errors import (
     ConflictError,
     NotFoundError,
     PayloadTooLargeError,
+    SaturatedError,
     SpearError,
     UnavailableError,
     ValidationError,
@@ -45,6 +46,7 @@ _STATUS_BY_ERROR: list[tuple[type[SpearError], int]] = [
     (ArtifactError, 422),
     (NotFoundError, 404),
     (ConflictError, 409),
+    (SaturatedError, 429),  # before its base class UnavailableError
     (UnavailableError, 503),
 ]
 STATUS_BY_OUTCOME = {

@@ -10,9 +10,10 @@ attempt counted against the task's `retry.max_attempts`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -62,10 +63,21 @@ class TaskService:
         state: SmsState,
         spearlet: Spearlet,
         artifacts: ArtifactStore,
+        commit: Callable[[Command], Awaitable[None]] | None = None,
+        replicate_file: Callable[[str], Awaitable[None]] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """
+        Args:
+            commit: makes a command durable and applies it; on a cluster node the Raft
+                driver's `commit` (acknowledged once committed). Default: apply locally.
+            replicate_file: stores an uploaded blob on other nodes before its upload is
+                committed (on a cluster node). Default: nothing to do.
+        """
         self._config = config
         self._state = state
+        self._commit = commit
+        self._replicate_file = replicate_file
         self._spearlet = spearlet
         self._artifacts = artifacts
         self._now = wall_clock
@@ -84,7 +96,10 @@ class TaskService:
         return self._spearlet.node_id
 
     async def _apply(self, command: Command) -> None:
-        await trio.to_thread.run_sync(self._state.apply, command)
+        if self._commit is not None:
+            await self._commit(command)
+        else:
+            await trio.to_thread.run_sync(self._state.apply, command)
 
     # --- files -----------------------------------------------------------------------------
 
@@ -93,6 +108,8 @@ class TaskService:
         existing = self._state.file(file_id)
         if existing is not None:
             return existing
+        if self._replicate_file is not None:
+            await self._replicate_file(file_id)
         await self._apply(
             AddFile(file_id=file_id, size=len(data), name=name, created_at=self._now())
         )
@@ -133,6 +150,7 @@ class TaskService:
         record = TaskRecord(task_id=new_task_id(), spec=spec, created_at=self._now())
         await self._spearlet.prepare(record)
         await self._apply(RegisterTask(record=record))
+        self._spearlet.prewarm(record)  # only once stored: a refused write starts nothing
         return record
 
     def get_task(self, ref: str) -> TaskRecord:
@@ -147,7 +165,7 @@ class TaskService:
     async def delete_task(self, ref: str) -> TaskRecord:
         record = self.get_task(ref)
         await self._apply(DeleteTask(task_id=record.task_id))
-        self._spearlet.forget(record.task_id)
+        await self._spearlet.forget(record.task_id)
         return record
 
     # --- sync invocations ------------------------------------------------------------------
@@ -291,7 +309,10 @@ class TaskService:
             await self._apply(PutExecution(record=record))
         data = await trio.to_thread.run_sync(self._state.execution_blob, "execin", execution_id)
         try:
-            outcome = await self._spearlet.execute(task, execution_id, data or b"")
+            # Accepted work waits for an instance rather than failing on a busy pool.
+            outcome = await self._spearlet.execute(
+                task, execution_id, data or b"", acquire_timeout_s=math.inf
+            )
         except BaseException as exc:
             if _is_cancellation(exc):
                 # The node is stopping: this run does not count; it runs again at the next start.
@@ -327,7 +348,10 @@ class TaskService:
     async def serve_async_workers(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run accepted async executions, `sms.async_workers` at a time."""
+        """Prewarm the stored tasks' pools, then run accepted async executions,
+        `sms.async_workers` at a time."""
+        for task in self._state.tasks():
+            self._spearlet.prewarm(task)
         for record in await trio.to_thread.run_sync(self._state.unfinished_executions):
             self._enqueue(record.execution_id)
         async with trio.open_nursery() as nursery:

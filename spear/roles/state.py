@@ -228,8 +228,11 @@ class SmsState:
             rows = [[k, v] for prefix in _STATE_PREFIXES for k, v in self._store.scan(prefix)]
         return wire.dumps(rows)
 
-    def restore(self, snapshot: bytes, *, index: int) -> None:
+    def restore(self, snapshot: bytes, *, index: int, extra: Iterable[WriteOp] = ()) -> None:
         """Replace the replicated state by a snapshot taken at log `index`.
+
+        Args:
+            extra: more writes for the same atomic batch (the Raft log's own bookkeeping).
 
         Raises:
             WireError: the snapshot is malformed (nothing is changed then).
@@ -242,7 +245,7 @@ class SmsState:
                 Delete(k) for prefix in _STATE_PREFIXES for k, _ in self._store.scan(prefix)
             ]
             ops += [Put(k, v) for k, v in rows]
-            self._store.write_batch([*ops, Put(_APPLIED, str(index).encode())])
+            self._store.write_batch([*ops, Put(_APPLIED, str(index).encode()), *extra])
             self._tasks.clear()
             self._names.clear()
             self._files.clear()

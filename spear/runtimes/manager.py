@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import trio
 
@@ -14,12 +15,11 @@ from spear.config import RuntimesConfig
 from spear.errors import SpearError, ValidationError
 from spear.model import RUNTIMES
 from spear.runtimes.base import Runtime
+from spear.runtimes.docker import DockerRuntime
 from spear.runtimes.process import ProcessRuntime
 from spear.runtimes.wasm import WasmRuntime
 
 log = logging.getLogger(__name__)
-
-DOCKER_REASON: Final = "the docker runtime arrives in a later release"
 
 
 class RuntimeManager:
@@ -89,23 +89,31 @@ class RuntimeManager:
 
 @asynccontextmanager
 async def open_runtime_manager(
-    config: RuntimesConfig, *, data_dir: Path
+    config: RuntimesConfig, *, data_dir: Path, node_id: str = ""
 ) -> AsyncIterator[RuntimeManager]:
     """Open the runtimes `config` enables; close them on exit.
 
     Relative `cache_dir`/`work_dir` settings are taken relative to `data_dir`; empty ones
-    default to `<data_dir>/wasm-cache` and `<data_dir>/work`.
+    default to `<data_dir>/wasm-cache` and `<data_dir>/work`. `node_id` labels this node's
+    containers (empty: a label derived from `data_dir`, stable across restarts); a Docker
+    daemon that does not answer leaves the docker runtime unavailable, with the reason.
 
     Raises:
         ConfigError: a runtime's settings cannot work on this host (e.g. isolate_network
             without root).
     """
     runtimes: dict[str, Runtime] = {}
-    unavailable: dict[str, str] = {"docker": DOCKER_REASON}
+    unavailable: dict[str, str] = {}
     manager = RuntimeManager(runtimes, unavailable)
     try:
-        # Creating directories and the engine blocks: do it in a worker thread.
+        # Creating directories, the engine and the daemon connection block: a worker thread.
         await trio.to_thread.run_sync(_start_runtimes, config, data_dir, runtimes, unavailable)
+        if config.docker.enabled:
+            await trio.to_thread.run_sync(
+                _start_docker, config, node_id or _node_label(data_dir), runtimes, unavailable
+            )
+        else:
+            unavailable["docker"] = "disabled (runtimes.docker.enabled = false)"
         yield manager
     finally:
         await manager.aclose()
@@ -132,3 +140,22 @@ def _start_runtimes(
         runtimes["process"] = ProcessRuntime(config.process, work_dir=work_dir)
     else:
         unavailable["process"] = "disabled (runtimes.process.enabled = false)"
+
+
+def _start_docker(
+    config: RuntimesConfig,
+    node_label: str,
+    runtimes: dict[str, Runtime],
+    unavailable: dict[str, str],
+) -> None:
+    try:
+        runtimes["docker"] = DockerRuntime.connect(config.docker, node_label=node_label)
+    except SpearError as exc:
+        log.info("the docker runtime is unavailable: %s", exc)
+        unavailable["docker"] = str(exc)
+
+
+def _node_label(data_dir: Path) -> str:
+    """A stable container label for a node known only by its data directory."""
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()
+    return f"dir-{digest[:16]}"

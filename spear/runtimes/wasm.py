@@ -1,6 +1,10 @@
-"""The WASM runtime: WASI command modules run per call in wasmtime (the only wasmtime importer).
+"""The WASM runtime: WASI commands per call, reactors as warm workers (wasmtime).
 
-A run is a fresh Store, a fresh WasiConfig and the module's `_start` (DESIGN.md section 5):
+Mode per-call runs a WASI command module; mode worker keeps a reactor module warm (see
+wasm_reactor.py for its ABI). wasm.py, wasm_engine.py and wasm_reactor.py are the only
+modules that import wasmtime.
+
+A per-call run is a fresh Store, a fresh WasiConfig and the module's `_start` (DESIGN.md section 5):
 input on stdin (a temp file, unlinked at once: WASI stdin is file-only), output and logs
 through byte-counting callbacks, argv `[task name, *command]`, the task's env and nothing
 else (no preopened directory, nothing inherited).
@@ -19,15 +23,11 @@ Compiled modules are cached on disk (`<cache_dir>/<key>.cwasm`, key = sha256 of 
 version, the engine settings and the module's sha256, so another version or setting never
 reads a stale file) and in memory (an LRU of InstancePre per module sha256). The cache
 directory must be trusted: deserializing a file runs the native code compiled into it.
-
-The epoch-deadline callback is registered through `wasmtime._ffi` (wasmtime-py 50 has no
-public binding for `wasmtime_store_epoch_deadline_callback`); pyproject pins wasmtime <51.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import itertools
 import json
@@ -36,43 +36,56 @@ import os
 import platform
 import shutil
 import tempfile
-import threading
 import time
+import weakref
 from functools import partial
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import trio
 import wasmtime
-from wasmtime import _ffi as ffi  # the epoch-deadline callback has no public binding yet
 
 from spear.config import WasmConfig
 from spear.errors import ArtifactError, RuntimeFailure, ValidationError
 from spear.model import ErrorCode, FunctionSpec, RunOutcome
-from spear.runtimes import wasi_poll
-from spear.runtimes.base import PER_CALL, check_mode, effective_timeout_s
-from spear.runtimes.compile_cache import CompileCache, Compiler
+from spear.runtimes.base import PER_CALL, WORKER, Instance, check_mode, effective_timeout_s
+from spear.runtimes.compile_cache import CompileCache
 from spear.runtimes.guest import GuestRun
 from spear.runtimes.outcomes import SUCCEEDED, Verdict, early_outcome, failed, timed_out
 from spear.runtimes.threads import EpochTicker, run_stoppable
+from spear.runtimes.wasm_engine import (
+    CURRENT,
+    WASM_PAGE_BYTES,
+    LoadedModule,
+    ModuleKind,
+    classify_failure,
+    compiler,
+    forget,
+    instantiation_failed,
+    memory_size,
+    split_trap,
+    wasi_linker,
+    wat_to_wasm,
+    watch_epoch,
+)
+from spear.runtimes.wasm_inline import INLINE_STRIKES, InlinePolicy, InlineRun
+from spear.runtimes.wasm_reactor import STOP_GRACE_S, Reactor, ReactorHost, open_reactor
+
+__all__ = ["INLINE_STRIKES", "STOP_GRACE_S", "WasmRuntime", "wat_to_wasm"]
 
 log = logging.getLogger(__name__)
 
-WASM_MAGIC: Final = b"\0asm\x01\x00\x00\x00"
-COMPONENT_MAGIC: Final = b"\0asm\x0d\x00\x01\x00"
-WASM_PAGE_BYTES: Final = 65536
-WASI: Final = "wasi_snapshot_preview1"
 #: bump when the cache file layout or the engine settings that matter change
 CACHE_FORMAT: Final = 1
-#: how long a cancelled run waits for its guest thread to notice (it needs one epoch tick)
-STOP_GRACE_S: Final = 2.0
-#: a module that outruns the inline budget this often in a row runs in worker threads from then on
-INLINE_STRIKES: Final = 3
+#: calls one worker instance serves at once: a wasm instance is single-threaded
+WORKER_MAX_CONCURRENCY: Final = 1
+#: what each instance mode needs a module to be
+_KIND_OF_MODE: Final = {PER_CALL: ModuleKind.COMMAND, WORKER: ModuleKind.REACTOR}
 
 
 class WasmRuntime:
-    """Runs WASI command modules per call (see the module docstring for the limits)."""
+    """Runs WASI commands per call and reactors as warm instances (see the module docstring)."""
 
     name = "wasm"
 
@@ -102,7 +115,7 @@ class WasmRuntime:
             "max_wasm_stack": config.max_wasm_stack_bytes,
         }
         self._modules = CompileCache(
-            _compiler(self._engine, _wasi_linker(self._engine)),
+            compiler(self._engine, wasi_linker(self._engine)),
             cache_dir=cache_dir,
             settings_key=json.dumps(settings, sort_keys=True),
             capacity=memory_cache_entries,
@@ -115,11 +128,17 @@ class WasmRuntime:
         self._stdin_dir = Path(tempfile.mkdtemp(prefix="spear-wasm-stdin-", dir=stdin_base))
         self._run_ids = itertools.count(1)
         self._closed = False
-        self._inline_budget_s = config.inline_budget_ms / 1000
-        #: how often in a row each module outran the inline budget
-        self._strikes: dict[str | None, int] = {}
-        self._inline_runs = 0
-        self._inline_fallbacks = 0
+        self._inline = InlinePolicy(config.inline_budget_ms / 1000)
+        #: worker instances not closed yet (the pool closes them; aclose catches stragglers)
+        self._reactors: weakref.WeakSet[Reactor] = weakref.WeakSet()
+        self._reactor_host = ReactorHost(
+            engine=self._engine,
+            fuel=config.fuel,
+            ticker=self._ticker,
+            limiter=self._limiter,
+            inline=self._inline,
+            run_ids=self._run_ids,
+        )
 
     # --- the Runtime protocol -----------------------------------------------------------
 
@@ -127,14 +146,15 @@ class WasmRuntime:
         return {
             "available": True,
             "version": f"wasmtime {self.version}",
-            "modes": [PER_CALL],
+            "modes": [PER_CALL, WORKER],
+            "worker_max_concurrency": WORKER_MAX_CONCURRENCY,
             "fuel": self._config.fuel,
             "epoch_tick_ms": self._config.epoch_tick_ms,
             "max_threads": self._limiter.total_tokens,
         }
 
     def validate_task(self, spec: FunctionSpec) -> None:
-        check_mode(self.name, spec)
+        check_mode(self.name, spec, _KIND_OF_MODE)
         if spec.artifact_sha256 is None or spec.artifact_path is None:
             raise ValidationError(
                 "runtime 'wasm' needs an artifact (the file_id of a WASM module)",
@@ -147,15 +167,56 @@ class WasmRuntime:
                 field="memory_limit_bytes",
             )
 
+    def validate_concurrency(self, max_concurrency: int) -> None:
+        """Check a worker task's resolved `pool.max_concurrency` (a wasm instance runs one
+        call at a time).
+
+        Raises:
+            ValidationError: (field "pool.max_concurrency") it is not 1.
+        """
+        if max_concurrency != WORKER_MAX_CONCURRENCY:
+            raise ValidationError(
+                f"pool.max_concurrency must be {WORKER_MAX_CONCURRENCY} for runtime 'wasm' in"
+                f" mode 'worker' (a wasm instance runs one call at a time), got"
+                f" {max_concurrency}; raise pool.max_instances instead",
+                field="pool.max_concurrency",
+            )
+
     def validate_artifact(self, data: bytes) -> None:
-        """Check that `data` is a WASI command module; it is compiled and cached on the way."""
+        """Check that `data` is a WASI command or a reactor; it is compiled and cached."""
         self._modules.load(hashlib.sha256(data).hexdigest(), data=data)
 
     async def prepare(self, spec: FunctionSpec) -> None:
         self.validate_task(spec)
         assert spec.artifact_sha256 is not None
-        if self._modules.peek(spec.artifact_sha256) is None:
-            await trio.to_thread.run_sync(self._load, spec)
+        loaded = self._modules.peek(spec.artifact_sha256)
+        if loaded is None:
+            loaded = await trio.to_thread.run_sync(self._load, spec)
+        _check_kind(spec.mode, loaded)
+
+    async def start_instance(self, spec: FunctionSpec) -> Instance:
+        """Instantiate the task's reactor (and run its `_initialize`), ready to serve.
+
+        Raises:
+            ValidationError: the task is not a wasm task in mode worker.
+            ArtifactError: the module is not a reactor.
+            RuntimeFailure: it could not be loaded, instantiated or initialised.
+        """
+        self.validate_task(spec)
+        if spec.mode != WORKER:
+            raise ValidationError(
+                f"start_instance needs mode {WORKER!r}, got {spec.mode!r}", field="mode"
+            )
+        assert spec.artifact_sha256 is not None
+        loaded = self._modules.peek(spec.artifact_sha256)
+        if loaded is None:
+            loaded = await trio.to_thread.run_sync(self._load, spec)
+        _check_kind(spec.mode, loaded)
+        if self._closed:
+            raise RuntimeFailure("the wasm runtime is closed (the node is stopping)")
+        reactor = await open_reactor(self._reactor_host, spec, loaded)
+        self._reactors.add(reactor)
+        return reactor
 
     async def run(self, spec: FunctionSpec, data: bytes, *, deadline: float) -> RunOutcome:
         started = time.perf_counter()
@@ -163,13 +224,12 @@ class WasmRuntime:
         if timeout_s <= 0:
             return early_outcome(timed_out(max(timeout_s, 0.0)))
         sha = spec.artifact_sha256
-        if self._inline_budget_s > 0 and self._strikes.get(sha, 0) < INLINE_STRIKES:
-            outcome = self._run_inline(spec, data, timeout_s, started)
+        budget_s = self._inline.budget_s(sha, timeout_s)
+        if budget_s > 0:
+            outcome = self._run_inline(spec, data, budget_s, timeout_s, started)
+            self._inline.record(sha, overran=outcome is None)
             if outcome is not None:
-                self._strikes.pop(sha, None)
-                self._inline_runs += 1
                 return outcome
-            self._strikes[sha] = self._strikes.get(sha, 0) + 1
             spent_s = time.perf_counter() - started
             timeout_s = min(effective_timeout_s(spec, deadline), timeout_s - spent_s)
         run = GuestRun(spec, next(self._run_ids), timeout_s, started)
@@ -187,33 +247,29 @@ class WasmRuntime:
             return early_outcome(timed_out(timeout_s), why)
 
     def _run_inline(
-        self, spec: FunctionSpec, data: bytes, timeout_s: float, started: float
+        self, spec: FunctionSpec, data: bytes, budget_s: float, timeout_s: float, started: float
     ) -> RunOutcome | None:
-        """Run on the event loop's thread within `runtimes.wasm.inline_budget_ms`.
+        """Run on the event loop's thread within `budget_s` of CPU (see InlinePolicy).
 
-        A short guest costs less than handing it to a worker thread and back (measured: the
-        hand-off doubles a 0.5 ms run). A guest still running at the budget is stopped at its
-        next epoch tick and None is returned: the caller runs it again in a worker thread.
-        Running it twice is safe because a per-call WASI command has no effects outside its
-        run: no preopened directories, no sockets, and its stdout and stderr are captured per
-        run. After INLINE_STRIKES such fallbacks in a row the module always runs in worker
-        threads.
+        A guest past the budget is stopped at its next epoch tick and None is
+        returned: the caller runs it again in a worker thread. Running it twice is safe
+        because a per-call WASI command has no effects outside its run: no preopened
+        directories, no sockets, and its stdout and stderr are captured per run.
         """
         with contextlib.suppress(ArtifactError, RuntimeFailure):  # _execute reports it
             self._load(spec)  # the budget is for running, not for loading the module
-        budget = min(timeout_s, self._inline_budget_s)
-        run = GuestRun(spec, next(self._run_ids), budget, started)
+        run = InlineRun(spec, next(self._run_ids), budget_s, timeout_s, started)
         outcome = self._execute(run, data)
-        if run.stop_reason is ErrorCode.TIMEOUT and budget < timeout_s:
-            self._inline_fallbacks += 1
-            return None
-        return outcome
+        return None if run.overran else outcome
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         with trio.CancelScope(shield=True):
+            # before the ticker stops: a guest still running needs its ticks to be stopped
+            for reactor in list(self._reactors):
+                await reactor.aclose()
             await trio.to_thread.run_sync(self._ticker.close)
             await trio.to_thread.run_sync(
                 partial(shutil.rmtree, self._stdin_dir, ignore_errors=True)
@@ -229,20 +285,21 @@ class WasmRuntime:
             "waiting": limiter.tasks_waiting,
             "max_threads": limiter.total_tokens,
             "epoch_ticks": self._ticker.ticks,
-            "inline_runs": self._inline_runs,
-            "inline_fallbacks": self._inline_fallbacks,
+            "inline_runs": self._inline.runs,
+            "inline_fallbacks": self._inline.fallbacks,
         }
 
     # --- worker-thread side -------------------------------------------------------------
 
-    def _load(self, spec: FunctionSpec) -> wasmtime.InstancePre:
+    def _load(self, spec: FunctionSpec) -> LoadedModule:
         assert spec.artifact_sha256 is not None
         return self._modules.load(spec.artifact_sha256, path=spec.artifact_path)
 
     def _execute(self, run: GuestRun, data: bytes) -> RunOutcome:
         """One guest run, start to finish, in a worker thread."""
         try:
-            pre = self._load(run.spec)
+            loaded = self._load(run.spec)
+            _check_kind(PER_CALL, loaded)  # run() is per call, whatever the task says
         except (ArtifactError, RuntimeFailure) as exc:
             return early_outcome(failed(ErrorCode.START_FAILED, str(exc)))
         if run.should_stop():
@@ -257,17 +314,17 @@ class WasmRuntime:
             store.set_limits(memory_size=run.spec.memory_limit_bytes)
             if self._config.fuel:
                 store.set_fuel(self._config.fuel)
-            _watch_epoch(store, run)
+            watch_epoch(store, run.run_id, run)
             store.set_wasi(wasi)
             self._ticker.enter()
-            _CURRENT.run = run
+            CURRENT.run = run
             try:
-                return run.outcome(self._start(run, store, pre))
+                return run.outcome(self._start(run, store, loaded.pre))
             finally:
-                _CURRENT.run = None
+                CURRENT.run = None
                 self._ticker.exit()
         finally:
-            _RUNS.pop(run.run_id, None)
+            forget(run.run_id)
             store.close()  # here and now: a store with Python callbacks must not linger
 
     def _wasi(self, run: GuestRun, data: bytes) -> wasmtime.WasiConfig:
@@ -299,7 +356,7 @@ class WasmRuntime:
             instance = pre.instantiate(store)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             run.ready = time.perf_counter()
-            return run.stop_verdict() or _instantiation_failed(run, _split_trap(exc)[0])
+            return run.stop_verdict() or instantiation_failed(run, split_trap(exc)[0])
         start = instance.exports(store)["_start"]
         assert isinstance(start, wasmtime.Func)
         run.ready = time.perf_counter()
@@ -316,236 +373,26 @@ class WasmRuntime:
             return stopped
         if error is None and exit_code == 0:
             return SUCCEEDED
-        return self._failure(run, _memory_size(store, instance), error, exit_code)
-
-    def _failure(
-        self,
-        run: GuestRun,
-        memory_bytes: int | None,
-        error: wasmtime.Trap | wasmtime.WasmtimeError | None,
-        exit_code: int,
-    ) -> Verdict:
-        if error is None:
-            what = f"exited with code {exit_code}"
-        else:
-            cause, backtrace = _split_trap(error)
-            if backtrace:
-                run.logs.note(f"wasm {backtrace}")
-            if (
-                isinstance(error, wasmtime.Trap)
-                and error.trap_code == wasmtime.TrapCode.OUT_OF_FUEL
-            ):
-                message = (
-                    f"the function used all its fuel (runtimes.wasm.fuel = {self._config.fuel})"
-                )
-                return failed(ErrorCode.FUEL_EXHAUSTED, message)
-            what = f"trapped: {cause}"
-        limit = run.spec.memory_limit_bytes
-        code = exit_code or None
-        if memory_bytes is not None and _near_limit(memory_bytes, limit):
-            message = (
-                f"the function {what}, with its memory at {memory_bytes} bytes of its"
-                f" memory_limit_bytes ({limit}): most likely an allocation failed"
-            )
-            return failed(ErrorCode.MEMORY_LIMIT, message, code)
-        if error is None:
-            return failed(ErrorCode.EXIT_NONZERO, f"the function {what}", code)
-        return failed(ErrorCode.TRAP, f"the function {what}")
-
-
-def _instantiation_failed(run: GuestRun, cause: str) -> Verdict:
-    if "exceeds memory limits" in cause:
-        message = (
-            f"the module needs more memory than its memory_limit_bytes"
-            f" ({run.spec.memory_limit_bytes}) to start: {cause}"
-        )
-        return failed(ErrorCode.MEMORY_LIMIT, message)
-    return failed(ErrorCode.START_FAILED, f"the module could not be instantiated: {cause}")
-
-
-def _memory_size(store: wasmtime.Store, instance: wasmtime.Instance) -> int | None:
-    memory = instance.exports(store).get("memory")
-    return memory.data_len(store) if isinstance(memory, wasmtime.Memory) else None
-
-
-def _near_limit(memory_bytes: int, limit: int) -> bool:
-    """Whether a failing guest's memory says that a `memory.grow` was refused.
-
-    wasmtime does not report refused grows, so this is a heuristic: within one eighth of the
-    limit (at least a page, at most 8 MiB) counts. wasi-libc's malloc grows in steps of
-    about a megabyte or more, and a C program that fails malloc at a 64 MiB limit was seen
-    stopping 2 MiB short of it. A single huge request far below the limit is not recognised
-    and reports as a trap or an exit code.
-    """
-    slack = max(WASM_PAGE_BYTES, min(limit // 8, 8 << 20))
-    return memory_bytes + slack > limit
-
-
-def _split_trap(error: wasmtime.Trap | wasmtime.WasmtimeError) -> tuple[str, str]:
-    """("wasm trap: ...", "backtrace: ...") from wasmtime's multi-line error text."""
-    text = error.message if isinstance(error, wasmtime.Trap) else str(error)
-    head, sep, cause = text.partition("Caused by:")
-    if not sep:
-        return " ".join(text.split()), ""
-    frames = [line.strip() for line in head.splitlines()[1:11] if line.strip()]
-    backtrace = "backtrace: " + "; ".join(frames) if frames else ""
-    return " ".join(cause.split()), backtrace
-
-
-# --- the epoch deadline callback ----------------------------------------------------------
-
-#: runs whose stores may call back, by the id given to wasmtime as the callback's env
-_RUNS: dict[int, GuestRun] = {}
-#: the run on this worker thread (for poll_oneoff, a store-independent host function)
-_CURRENT = threading.local()
-_UPDATE_DEADLINE_CONTINUE: Final = 0
-
-
-def _epoch_deadline(context: Any, env: int | None, delta: Any, kind: Any) -> int:
-    """Called by wasmtime at each tick of a running store: one more tick, or trap."""
-    run = _RUNS.get(env or 0)
-    if run is None or run.should_stop():
-        error = ffi.wasmtime_error_new(b"spear stopped the guest")
-        return cast(int, ctypes.cast(error, ctypes.c_void_p).value)
-    delta[0] = 1
-    kind[0] = _UPDATE_DEADLINE_CONTINUE
-    return 0
-
-
-def _store_dropped(env: int | None) -> None:
-    _RUNS.pop(env or 0, None)
-
-
-_on_epoch_deadline = ctypes.CFUNCTYPE(
-    ctypes.c_size_t,
-    ctypes.POINTER(ffi.wasmtime_context_t),
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_uint64),
-    ctypes.POINTER(ffi.wasmtime_update_deadline_kind_t),
-)(_epoch_deadline)
-_on_store_dropped = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_store_dropped)
-
-
-def _watch_epoch(store: wasmtime.Store, run: GuestRun) -> None:
-    _RUNS[run.run_id] = run
-    ffi.wasmtime_store_epoch_deadline_callback(
-        store.ptr(), _on_epoch_deadline, run.run_id, _on_store_dropped
-    )
-    store.set_epoch_deadline(1)
-
-
-# --- WASI with an interruptible poll_oneoff -------------------------------------------------
-
-
-def _wasi_linker(engine: wasmtime.Engine) -> wasmtime.Linker:
-    linker = wasmtime.Linker(engine)
-    linker.define_wasi()
-    linker.allow_shadowing = True
-    i32 = wasmtime.ValType.i32()
-    poll_type = wasmtime.FuncType([i32] * 4, [i32])
-    linker.define_func(WASI, "poll_oneoff", poll_type, _poll_oneoff, access_caller=True)
-    return linker
-
-
-def _poll_oneoff(caller: wasmtime.Caller, subs: int, events: int, count: int, out: int) -> int:
-    """The host side of wasi_poll.answer_poll: guest memory in and out.
-
-    A host function must never raise (wasmtime-py keeps the exception in a global shared by
-    all threads), hence the catch-all.
-    """
-    try:
-        run: GuestRun | None = getattr(_CURRENT, "run", None)
-        memory = caller.get("memory")
-        if run is None or not isinstance(memory, wasmtime.Memory):
-            return wasi_poll.ERRNO_NOTSUP
-        subs, events, count, out = (value & 0xFFFFFFFF for value in (subs, events, count, out))
-        size = memory.data_len(caller)
-        end = subs + wasi_poll.SUBSCRIPTION.size * count
-        if end > size or events + wasi_poll.EVENT.size * count > size or out + 4 > size:
-            return wasi_poll.ERRNO_FAULT
-        errno, answer, ready = wasi_poll.answer_poll(memory.read(caller, subs, end), run.sleep)
-        if errno == wasi_poll.ERRNO_SUCCESS:
-            memory.write(caller, answer, events)
-            memory.write(caller, ready.to_bytes(4, "little"), out)
-        return errno
-    except Exception:  # pragma: no cover - a bug here, reported to the guest as EINVAL
-        log.exception("poll_oneoff failed")
-        return wasi_poll.ERRNO_INVAL
-
-
-# --- compiling -------------------------------------------------------------------------------
-
-
-def _compiler(
-    engine: wasmtime.Engine, linker: wasmtime.Linker
-) -> Compiler[wasmtime.Module, wasmtime.InstancePre]:
-    def compile_module(data: bytes) -> wasmtime.Module:
-        _check_header(data)
-        try:
-            module = wasmtime.Module(engine, data)
-        except wasmtime.WasmtimeError as exc:
-            cause = _split_trap(exc)[0]
-            raise ArtifactError(f"the artifact fails to compile as WASM: {cause}") from exc
-        _check_command(module)
-        return module
-
-    def deserialize(path: Path) -> wasmtime.Module | None:
-        try:
-            return wasmtime.Module.deserialize_file(engine, str(path))
-        except wasmtime.WasmtimeError as exc:
-            log.warning("recompiling: the cached module %s is unusable: %s", path, exc)
-            return None
-
-    def link(module: wasmtime.Module) -> wasmtime.InstancePre:
-        try:
-            return linker.instantiate_pre(module)
-        except wasmtime.WasmtimeError as exc:
-            raise ArtifactError(
-                f"the module needs an import spear does not provide ({exc}); a WASI command"
-                f" may import only {WASI} functions"
-            ) from exc
-
-    return Compiler(
-        compile=compile_module,
-        serialize=lambda module: bytes(module.serialize()),
-        deserialize=deserialize,
-        link=link,
-    )
-
-
-def _check_header(data: bytes) -> None:
-    if data[:8] == COMPONENT_MAGIC:
-        raise ArtifactError(
-            "the artifact is a WebAssembly component; runtime 'wasm' runs WASI preview 1"
-            " command modules (wasm32-wasi)"
-        )
-    if data[:8] != WASM_MAGIC:
-        raise ArtifactError(
-            "the artifact is not a WASM module (it does not start with the \\0asm header);"
-            " upload the binary, not WAT text"
+        return classify_failure(
+            run, memory_size(store, instance), error, exit_code, self._config.fuel
         )
 
 
-def _check_command(module: wasmtime.Module) -> None:
-    for export in module.exports:
-        if export.name == "_start":
-            ty = export.type
-            if isinstance(ty, wasmtime.FuncType) and not ty.params and not ty.results:
-                return
-            raise ArtifactError("the module's `_start` export is not a function of no arguments")
-    raise ArtifactError(
-        "the module is not a WASI command: it has no `_start` export"
-        " (build it as an executable for wasm32-wasi, not a library or reactor)"
-    )
-
-
-def wat_to_wasm(text: str) -> bytes:
-    """Compile WebAssembly text to a binary module.
+def _check_kind(mode: str, loaded: LoadedModule) -> None:
+    """Refuse a module that is not what `mode` runs.
 
     Raises:
-        ArtifactError: the text is not valid WAT.
+        ArtifactError: a reactor in mode per-call, or a command in mode worker.
     """
-    try:
-        return bytes(wasmtime.wat2wasm(text))
-    except wasmtime.WasmtimeError as exc:
-        raise ArtifactError(f"not valid WebAssembly text: {exc}") from exc
+    if loaded.kind is _KIND_OF_MODE.get(mode, loaded.kind):
+        return
+    if loaded.kind is ModuleKind.REACTOR:
+        raise ArtifactError(
+            "the module is a reactor (it exports spear_handle and no `_start`): register it"
+            f" with mode {WORKER!r}, or build a WASI command for mode {PER_CALL!r}"
+        )
+    raise ArtifactError(
+        f"mode {WORKER!r} on runtime 'wasm' needs a reactor module exporting spear_alloc and"
+        f" spear_handle (see docs/runtimes.md); this module is a WASI command: use mode"
+        f" {PER_CALL!r}"
+    )

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import trio
 import wasmtime
 
 DEMO_WAT = Path(__file__).resolve().parents[2] / "spear" / "demo" / "upper.wat"
@@ -62,3 +63,30 @@ async def register_wasm(
 ) -> dict[str, Any]:
     file_id = await upload(api, wasm(module))
     return await register(api, name=name, runtime="wasm", artifact=file_id, **spec)
+
+
+class RetryUnavailable(httpx.AsyncBaseTransport):
+    """Retries a request answered 503 (no leader yet, or a failover under way), as a client
+    of a cluster must; the backoff is the client's, not a wait for a test condition."""
+
+    def __init__(self, attempts: int = 40, backoff_s: float = 0.1) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        for _ in range(self._attempts - 1):
+            response = await self._inner.handle_async_request(request)
+            if response.status_code != 503:
+                return response
+            await response.aclose()
+            await trio.sleep(self._backoff_s)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def cluster_client(url: str) -> httpx.AsyncClient:
+    """An API client for any node of a cluster, retrying while no leader serves."""
+    return httpx.AsyncClient(base_url=url, timeout=30, transport=RetryUnavailable())

@@ -21,13 +21,22 @@ from tests.roles.api_helpers import register, register_wasm, upload, wasm
 
 async def test_health_and_cluster(api: httpx.AsyncClient, node: NodeHandle) -> None:
     health = (await api.get("/health")).json()
-    assert health == {"status": "ok", "node_id": node.node_id, "name": node.name, "role": "leader"}
+    assert health == {
+        "status": "ok",
+        "node_id": node.node_id,
+        "name": node.name,
+        "role": "leader",
+        "leader_id": node.node_id,
+        "serving": True,
+    }
     cluster = (await api.get("/api/v1/cluster")).json()
     assert cluster["leader_id"] == node.node_id
+    assert cluster["term"] >= 1
     assert cluster["voters"] == [node.node_id]
     (member,) = cluster["members"]
-    assert member["state"] == "alive"
-    assert member["runtimes"]["wasm"]["available"] is True
+    assert (member["node_id"], member["state"], member["voter"]) == (node.node_id, "alive", True)
+    assert member["mesh_address"] == node.cluster.mesh_address
+    assert "wasm" in member["runtimes"]
 
 
 async def test_nodes_and_resources(api: httpx.AsyncClient, node: NodeHandle) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spear.config import ProcessConfig, RuntimesConfig, WasmConfig
+from spear.config import DockerConfig, ProcessConfig, RuntimesConfig, WasmConfig
 from spear.demo import upper_wasm
 from spear.errors import ValidationError
 from spear.model import ExecStatus
@@ -16,7 +16,8 @@ from tests.runtimes.conftest import ArtifactFactory, function_spec
 
 
 async def test_defaults_offer_wasm_and_process(tmp_path: Path) -> None:
-    async with open_runtime_manager(RuntimesConfig(), data_dir=tmp_path) as manager:
+    config = RuntimesConfig(docker=DockerConfig(enabled=False))
+    async with open_runtime_manager(config, data_dir=tmp_path) as manager:
         assert isinstance(manager.get("wasm"), WasmRuntime)
         assert isinstance(manager.get("process"), ProcessRuntime)
         assert manager.available == ["wasm", "process"]
@@ -25,7 +26,7 @@ async def test_defaults_offer_wasm_and_process(tmp_path: Path) -> None:
     assert described["process"]["available"] is True
     assert described["docker"] == {
         "available": False,
-        "reason": "the docker runtime arrives in a later release",
+        "reason": "disabled (runtimes.docker.enabled = false)",
         "modes": [],
     }
     assert (tmp_path / "wasm-cache").is_dir()
@@ -33,9 +34,9 @@ async def test_defaults_offer_wasm_and_process(tmp_path: Path) -> None:
 
 
 async def test_unknown_and_unavailable_runtimes(tmp_path: Path) -> None:
-    config = RuntimesConfig(wasm=WasmConfig(enabled=False))
+    config = RuntimesConfig(wasm=WasmConfig(enabled=False), docker=DockerConfig(enabled=False))
     async with open_runtime_manager(config, data_dir=tmp_path) as manager:
-        with pytest.raises(ValidationError, match="later release") as info:
+        with pytest.raises(ValidationError, match=r"runtimes\.docker\.enabled = false") as info:
             manager.get("docker")
         assert info.value.field == "runtime"
         with pytest.raises(ValidationError, match=r"runtimes\.wasm\.enabled = false"):

@@ -262,8 +262,8 @@ async def test_broken_artifact_fails_the_run_not_the_caller(
 
 
 async def test_task_validation(wasm: WasmRuntime, wasm_spec: WasmSpec) -> None:
-    with pytest.raises(ValidationError, match="mode 'worker' is not supported") as info:
-        wasm.validate_task(wasm_spec(upper_wasm(), mode="worker"))
+    with pytest.raises(ValidationError, match="mode 'bogus' is not supported") as info:
+        wasm.validate_task(wasm_spec(upper_wasm(), mode="bogus"))
     assert info.value.field == "mode"
     with pytest.raises(ValidationError, match="needs an artifact") as info:
         wasm.validate_task(wasm_spec(upper_wasm(), artifact_path=None, artifact_sha256=None))
@@ -327,5 +327,6 @@ async def test_corrupt_cache_file_is_recompiled(tmp_path: Path, wasm_spec: WasmS
 async def test_describe(wasm: WasmRuntime) -> None:
     described = wasm.describe()
     assert described["available"] is True
-    assert described["modes"] == ["per-call"]
+    assert described["modes"] == ["per-call", "worker"]
+    assert described["worker_max_concurrency"] == 1
     assert described["version"].startswith("wasmtime ")

@@ -1,0 +1,133 @@
+"""`spear cluster --nodes N`: a whole cluster on this machine, for trying spear and for tests.
+
+Starts N `spear node` processes on loopback, each with its own data directory under
+`--data-dir`, ports chosen by the OS, and one fresh cluster key. The first
+min(N, 3) nodes are the voters (`--bootstrap-expect`); the others join as non-voting
+Spearlets. It prints every node's addresses and the join token, then waits; Ctrl-C or
+SIGTERM stops every node (SIGTERM, then SIGKILL after a grace period) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from spear.cli.output import EXIT_FAILED, fail, print_table
+
+STOP_GRACE_S = 10.0
+MAX_NODES = 9
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    name: str
+    http: str
+    listen: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=3, metavar="N", help="how many (default 3)")
+    parser.add_argument(
+        "--data-dir",
+        default="spear-cluster",
+        metavar="DIR",
+        help="parent of the nodes' data directories (default ./spear-cluster)",
+    )
+    parser.add_argument(
+        "--profile",
+        default="lan-fast",
+        choices=("lan", "lan-fast", "loopback"),
+        help="mesh.profile of every node (default lan-fast)",
+    )
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    if not 1 <= args.nodes <= MAX_NODES:
+        return fail(f"--nodes must be between 1 and {MAX_NODES}, got {args.nodes}", EXIT_FAILED)
+    from spear.mesh.handshake import join_token, new_cluster_key
+
+    token = join_token(new_cluster_key())
+    root = Path(args.data_dir).resolve()
+    voters = min(args.nodes, 3)
+    stop = _StopFlag()
+    nodes: list[_Node] = []
+    try:
+        for i in range(args.nodes):
+            joins = [nodes[0].listen] if nodes else []
+            nodes.append(_start(i + 1, root, token, voters if i < voters else 1, joins, args))
+        _report(nodes, token)
+        while not stop.requested:
+            if dead := [n for n in nodes if n.proc.poll() is not None]:
+                names = ", ".join(f"{n.name} (exit {n.proc.returncode})" for n in dead)
+                return fail(f"nodes stopped unexpectedly: {names}; see their output", EXIT_FAILED)
+            time.sleep(0.2)
+        return 0
+    finally:
+        _stop_all(nodes)
+
+
+class _StopFlag:
+    """Set by SIGINT or SIGTERM."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGINT, self._set)
+        signal.signal(signal.SIGTERM, self._set)
+
+    def _set(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _start(
+    number: int, root: Path, token: str, expect: int, joins: list[str], args: argparse.Namespace
+) -> _Node:
+    name = f"n{number}"
+    http, listen = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    data_dir = root / name
+    argv = [sys.executable, "-m", "spear", "node", "--name", name, "--data-dir", str(data_dir)]
+    argv += ["--http", http, "--listen", listen, "--join-token", token]
+    argv += ["--bootstrap-expect", str(expect)]
+    for join in joins:
+        argv += ["--join", join]
+    env = {**os.environ, "SPEAR_MESH__PROFILE": args.profile}
+    # Its own session: a Ctrl-C reaches only this command, which then stops the nodes.
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    return _Node(name, http, listen, data_dir, proc)
+
+
+def _report(nodes: list[_Node], token: str) -> None:
+    rows = [[n.name, f"http://{n.http}", n.listen, n.proc.pid, n.data_dir] for n in nodes]
+    print_table(["NAME", "HTTP", "MESH", "PID", "DATA DIR"], rows)
+    print(f"join token: {token}")
+    print(f"try: spear status --server http://{nodes[0].http}   (Ctrl-C stops the cluster)")
+    sys.stdout.flush()
+
+
+def _stop_all(nodes: list[_Node]) -> None:
+    for node in nodes:
+        if node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for node in nodes:
+        try:
+            node.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
+            node.proc.wait()

@@ -1,0 +1,108 @@
+"""The retransmit queue of membership updates (memberlist's TransmitLimitedQueue, by count).
+
+Each queued update is about one node; a newer update about the same node replaces the older
+one. Updates are handed out least-transmitted first and, within a tier, newest first; each
+is sent at most `retransmit_limit(mult, n)` times, then dropped. Push-pull anti-entropy, not
+this queue, is what guarantees completeness (research/mesh.md §1.5).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+from spear.mesh.swim_messages import AliveUpdate, Update
+
+
+def retransmit_limit(mult: int, n: int) -> int:
+    """How often one update is sent when `n` members are known: mult * ceil(log10(n + 1)),
+    raised to n - 1 below 10 members so a small cluster still reaches every peer directly."""
+    limit = mult * math.ceil(math.log10(n + 1))
+    if n < 10:
+        limit = max(limit, n - 1)
+    return max(1, limit)
+
+
+@dataclass(slots=True)
+class _Queued:
+    update: Update
+    seq: int
+    transmits: int = 0
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.seq, self.update.node_id)
+
+
+class BroadcastQueue:
+    """Updates waiting to be piggybacked or gossiped, one per subject node.
+
+    Updates are kept in tiers by transmission count, each tier a list sorted by queue order,
+    so taking the few least-sent, newest updates does not scan the whole queue (a mass join
+    queues one update per member).
+    """
+
+    __slots__ = ("_by_node", "_mult", "_seq", "_tiers")
+
+    def __init__(self, retransmit_mult: int) -> None:
+        self._mult = retransmit_mult
+        self._by_node: dict[str, _Queued] = {}
+        self._tiers: dict[int, list[tuple[int, str]]] = {}
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._by_node)
+
+    def queue(self, update: Update) -> None:
+        """Queue `update`, replacing (invalidating) any queued update about the same node."""
+        old = self._by_node.get(update.node_id)
+        if old is not None:
+            self._unlink(old)
+        self._seq += 1
+        item = _Queued(update=update, seq=self._seq)
+        self._by_node[update.node_id] = item
+        self._tiers.setdefault(0, []).append(item.key)  # the newest: the list stays sorted
+
+    def take(self, limit: int, n: int, *, recipient: str = "") -> tuple[Update, ...]:
+        """Up to `limit` updates to send now, counting one transmission for each.
+
+        Args:
+            limit: most updates to return.
+            n: members known now (sets the retransmit budget).
+            recipient: node id of the receiver, if known: its own alive update is not sent
+                to it (it would learn nothing and the transmission would be wasted).
+        """
+        chosen: list[_Queued] = []
+        if limit <= 0:
+            return ()
+        for transmits in sorted(self._tiers):
+            for _, node_id in reversed(self._tiers[transmits]):
+                item = self._by_node[node_id]
+                if node_id == recipient and isinstance(item.update, AliveUpdate):
+                    continue
+                chosen.append(item)
+                if len(chosen) >= limit:
+                    break
+            if len(chosen) >= limit:
+                break
+        budget = retransmit_limit(self._mult, n)
+        for item in chosen:
+            self._unlink(item)
+            item.transmits += 1
+            if item.transmits >= budget:
+                del self._by_node[item.update.node_id]
+            else:
+                bisect.insort(self._tiers.setdefault(item.transmits, []), item.key)
+        return tuple(item.update for item in chosen)
+
+    def pending(self, node_id: str) -> Update | None:
+        """The queued update about `node_id`, if any."""
+        item = self._by_node.get(node_id)
+        return None if item is None else item.update
+
+    def _unlink(self, item: _Queued) -> None:
+        tier = self._tiers[item.transmits]
+        del tier[bisect.bisect_left(tier, item.key)]
+        if not tier:
+            del self._tiers[item.transmits]

@@ -1,0 +1,333 @@
+"""The mesh role of a node: transport, membership and Raft wired together (DESIGN.md section 3).
+
+`serve_cluster` opens the authenticated WebSocket transport on `mesh.listen`, runs the SWIM
+membership driver and the Raft driver over it, routes inbound messages to them, joins the
+seeds in `mesh.join`, and bootstraps Raft Consul-style once `raft.bootstrap_expect`
+voter-eligible nodes see each other. Its handle answers who leads (for the gateway of a
+follower) and describes the cluster (`GET /api/v1/cluster`).
+
+The cluster key comes from `mesh.join_token`, else from `<data-dir>/join-token` written by an
+earlier start, else it is generated and written there (the first node of a cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from spear.config import Config
+from spear.errors import ConfigError, SpearError
+from spear.mesh import (
+    RAFT_MESSAGES,
+    RAFT_PROFILES,
+    SWIM_MESSAGES,
+    SWIM_PROFILES,
+    BootstrapCandidate,
+    MemberMeta,
+    Membership,
+    MemberState,
+    MessageCodec,
+    RaftCore,
+    Transport,
+    choose_bootstrap_voters,
+    join_token,
+    new_cluster_key,
+    parse_join_token,
+    serve_transport,
+)
+from spear.roles.artifact_sync import ARTIFACT_MESSAGES, ArtifactSync
+from spear.roles.artifacts import ArtifactStore
+from spear.roles.gossip import GossipDriver
+from spear.roles.raft_storage import RaftStorage
+from spear.roles.replication import Replicator
+from spear.roles.state import SmsState
+from spear.store import Put, Store
+
+log = logging.getLogger(__name__)
+
+JOIN_TOKEN_FILE = "join-token"
+_INCARNATION = b"meta/incarnation"
+_RAFT_TYPES = tuple(RAFT_MESSAGES.values())
+_ARTIFACT_TYPES = tuple(ARTIFACT_MESSAGES.values())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterHandle:
+    """A running mesh role: its drivers and what the rest of the node asks of them."""
+
+    node_id: str
+    join_token: str
+    transport: Transport
+    gossip: GossipDriver
+    replicator: Replicator
+    artifacts: ArtifactSync
+
+    @property
+    def mesh_address(self) -> str:
+        return self.transport.address
+
+    def leader_http(self) -> str | None:
+        """The gateway address of the leader this node knows for the current term."""
+        leader = self.replicator.soft_state.leader_id
+        if leader is None:
+            return None
+        member = self.gossip.member(leader)
+        if member is None or member.state in (MemberState.DEAD, MemberState.LEFT):
+            return None
+        return member.meta.http_address or None
+
+    def is_leader(self) -> bool:
+        return self.replicator.soft_state.role == "leader"
+
+    async def replicate_file(self, file_id: str) -> None:
+        """Store an uploaded blob on a majority of voters (before its upload is committed)."""
+        await self.artifacts.replicate(file_id, self.replicator.core.voters)
+
+    async def ensure_file(self, file_id: str) -> bool:
+        """Hold a blob locally, fetched from a member if needed; False if nobody has it."""
+        members = [m.node_id for m in self.gossip.members()]
+        return await self.artifacts.ensure(file_id, members)
+
+    def status(self) -> dict[str, Any]:
+        """The `GET /api/v1/cluster` document (DESIGN.md section 6)."""
+        soft = self.replicator.soft_state
+        voters = self.replicator.core.voters
+        return {
+            "leader_id": soft.leader_id,
+            "term": soft.term,
+            "voters": list(voters),
+            "members": [
+                {
+                    "node_id": m.node_id,
+                    "name": m.meta.name,
+                    "state": m.state.value,
+                    "voter": m.node_id in voters,
+                    "mesh_address": m.meta.mesh_address,
+                    "http_address": m.meta.http_address,
+                    "runtimes": list(m.meta.runtimes),
+                    "labels": dict(m.meta.labels),
+                    "incarnation": m.incarnation,
+                }
+                for m in self.gossip.members()
+            ],
+            "raft": self.replicator.core.status(),
+        }
+
+
+def cluster_key(config: Config, data_dir: Path) -> tuple[bytes, str]:
+    """The cluster key and its join token (see the module docstring).
+
+    Raises:
+        ConfigError: the join token (configured or stored) is malformed.
+    """
+    path = data_dir / JOIN_TOKEN_FILE
+    if config.mesh.join_token:
+        key = parse_join_token(config.mesh.join_token)
+    elif path.exists():
+        key = parse_join_token(path.read_text())
+    elif config.mesh.join:
+        raise ConfigError(
+            "mesh.join_token is required to join a cluster (--join-token); it is in the first"
+            f" node's <data-dir>/{JOIN_TOKEN_FILE}"
+        )
+    else:
+        key = new_cluster_key()
+    token = join_token(key)
+    if not path.exists() or path.read_text().strip() != token:
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        tmp.replace(path)
+    return key, token
+
+
+def is_voter(config: Config) -> bool:
+    """Whether this node may be a Raft voter (raft.voter)."""
+    if config.raft.voter != "auto":
+        return config.raft.voter == "yes"
+    return config.raft.bootstrap_expect > 1 or not config.mesh.join
+
+
+async def serve_cluster(
+    config: Config,
+    *,
+    node_id: str,
+    data_dir: Path,
+    store: Store,
+    state: SmsState,
+    artifacts: ArtifactStore,
+    http_address: str,
+    runtimes: Sequence[str],
+    task_status: trio.TaskStatus[ClusterHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run this node's mesh role until cancelled; `task_status.started(ClusterHandle)`."""
+    key, token = await trio.to_thread.run_sync(cluster_key, config, data_dir)
+    storage = RaftStorage(store, state)
+    durable = await trio.to_thread.run_sync(storage.load)
+    incarnation = await trio.to_thread.run_sync(_next_incarnation, store)
+    codec = MessageCodec({**RAFT_MESSAGES, **SWIM_MESSAGES, **ARTIFACT_MESSAGES})
+    async with trio.open_nursery() as nursery:
+        transport: Transport = await nursery.start(
+            lambda task_status: serve_transport(
+                node_id=node_id,
+                listen=config.mesh.listen,
+                cluster_key=key,
+                codec=codec,
+                max_frame_bytes=config.mesh.max_frame_bytes,
+                task_status=task_status,
+            )
+        )
+        now = trio.current_time()
+        has_state = (
+            durable.hard_state is not None or bool(durable.entries) or bool(durable.snapshot)
+        )
+        meta = MemberMeta(
+            node_id=node_id,
+            name=config.node.display_name,
+            mesh_address=transport.address,
+            http_address=http_address,
+            voter=is_voter(config),
+            runtimes=tuple(runtimes),
+            labels=tuple(sorted(config.node.labels.items())),
+            has_raft_state=has_state,
+            bootstrap_expect=config.raft.bootstrap_expect,
+        )
+        swim = Membership(
+            meta=meta,
+            timings=SWIM_PROFILES[config.mesh.profile],
+            rng=random.Random(),
+            now=now,
+            incarnation=incarnation,
+        )
+        gossip = GossipDriver(swim, transport.send)
+        core = RaftCore(
+            node_id=node_id,
+            timings=RAFT_PROFILES[config.mesh.profile],
+            rng=random.Random(),
+            now=now,
+            hard_state=durable.hard_state,
+            entries=durable.entries,
+            snapshot=durable.snapshot,
+            applied=durable.applied,
+        )
+
+        def send_raft(to: str, message: object) -> None:
+            address = gossip.address_of(to)
+            if address is not None:
+                transport.send(address, message)
+
+        replicator = Replicator(core=core, storage=storage, state=state, send=send_raft)
+        sync = ArtifactSync(
+            node_id=node_id,
+            artifacts=artifacts,
+            transport=transport,
+            address_of=gossip.address_of,
+            max_bytes=config.gateway.max_upload_bytes,
+            timeout_s=config.gateway.graceful_timeout_s * 6,
+        )
+        await nursery.start(gossip.serve)
+        await nursery.start(replicator.serve)
+        nursery.start_soon(_route_inbound, transport, gossip, replicator, sync)
+        if config.mesh.join:
+            gossip.join(config.mesh.join)
+        if not has_state and meta.voter:
+            nursery.start_soon(_bootstrap_when_ready, gossip, replicator, meta, config)
+        nursery.start_soon(_admit_learners, gossip, replicator)
+        handle = ClusterHandle(
+            node_id=node_id,
+            join_token=token,
+            transport=transport,
+            gossip=gossip,
+            replicator=replicator,
+            artifacts=sync,
+        )
+        task_status.started(handle)
+
+
+def _next_incarnation(store: Store) -> int:
+    """A restart starts above every incarnation others may hold for this node (rule 1)."""
+    raw = store.get(_INCARNATION)
+    incarnation = (int(raw) if raw else 0) + 1
+    store.write_batch([Put(_INCARNATION, str(incarnation).encode())])
+    return incarnation * 1_000_000  # room for refutations within one run
+
+
+async def _route_inbound(
+    transport: Transport, gossip: GossipDriver, replicator: Replicator, sync: ArtifactSync
+) -> None:
+    async with trio.open_nursery() as requests:
+        async for inbound in transport.inbound:
+            message = inbound.message
+            if isinstance(message, _RAFT_TYPES):
+                replicator.deliver(message)
+            elif isinstance(message, _ARTIFACT_TYPES):
+                requests.start_soon(sync.handle, inbound)
+            else:
+                gossip.deliver(inbound.peer_address, message)
+
+
+async def _bootstrap_when_ready(
+    gossip: GossipDriver, replicator: Replicator, meta: MemberMeta, config: Config
+) -> None:
+    """Consul-style bootstrap: once the expected voter-eligible nodes see each other."""
+    expect = config.raft.bootstrap_expect
+    while True:
+        candidates = [
+            BootstrapCandidate(
+                node_id=m.node_id,
+                has_raft_state=m.meta.has_raft_state,
+                bootstrap_expect=m.meta.bootstrap_expect,
+            )
+            for m in gossip.members()
+            if m.meta.voter and m.state is MemberState.ALIVE
+        ]
+        if any(c.has_raft_state for c in candidates if c.node_id != meta.node_id):
+            log.info("raft: a visible node already has raft state; not bootstrapping")
+            return
+        voters = choose_bootstrap_voters(candidates, expect)
+        if voters is not None:
+            if meta.node_id in voters:
+                log.info("raft: bootstrapping with voters %s", ", ".join(voters))
+                await replicator.bootstrap(voters)
+                gossip.update_meta(_with_raft_state(meta))
+            return
+        await gossip.wait_change()
+
+
+async def _admit_learners(gossip: GossipDriver, replicator: Replicator) -> None:
+    """On the leader: every alive member outside the Raft configuration becomes a learner,
+    so it follows the log (and knows the leader) without counting towards quorum."""
+    while True:
+        if replicator.soft_state.role == "leader":
+            members = set(replicator.core.voters) | set(replicator.core.learners)
+            for member in gossip.members():
+                if member.node_id not in members and member.state is MemberState.ALIVE:
+                    try:
+                        await replicator.add_learner(member.node_id)
+                        log.info("raft: %s joined as a learner", member.node_id)
+                    except SpearError as exc:
+                        log.info("raft: %s not added yet: %s", member.node_id, exc)
+                        break  # retried at the next change
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_after, gossip.wait_change, nursery.cancel_scope)
+            nursery.start_soon(
+                _cancel_after, replicator.wait_soft_state_change, nursery.cancel_scope
+            )
+
+
+async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
+
+
+def _with_raft_state(meta: MemberMeta) -> MemberMeta:
+    fields = {name: getattr(meta, name) for name in meta.__dataclass_fields__}
+    return MemberMeta(**(fields | {"has_raft_state": True}))
