@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -27,32 +25,15 @@ import wasmtime
 
 from spear.config import ProcessConfig, WasmConfig
 from spear.demo import upper_wasm
-from spear.model import FunctionSpec, TaskId
 from spear.runtimes import ProcessRuntime, WasmRuntime
 from spear.runtimes.guest import GuestRun
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.timing import bench_spec, measure, measure_async, report  # noqa: E402
+
 INPUT = b"hello, spear! " * 8
 WARMUP = 50
-
-
-def spec(**fields: object) -> FunctionSpec:
-    base: dict[str, object] = {
-        "task_id": TaskId("tk-0000000000000000"),
-        "name": "bench",
-        "runtime": "wasm",
-        "mode": "per-call",
-        "artifact_path": None,
-        "artifact_sha256": None,
-        "command": (),
-        "image": None,
-        "env": {},
-        "timeout_s": 30.0,
-        "memory_limit_bytes": 64 << 20,
-        "max_output_bytes": 1 << 20,
-        "max_log_bytes": 1 << 16,
-    }
-    base.update(fields)
-    return FunctionSpec(**base)  # type: ignore[arg-type]
 
 
 class BareWasm:
@@ -81,39 +62,10 @@ class BareWasm:
         return b"".join(out)
 
 
-def measure(fn: Callable[[], object], calls: int) -> list[float]:
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
-
-
-async def measure_async(fn: Callable[[], Awaitable[object]], calls: int) -> list[float]:
-    for _ in range(WARMUP):
-        await fn()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        await fn()
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def report(label: str, times: list[float], floor: list[float] | None) -> None:
-    median = statistics.median(times) * 1000
-    p99 = statistics.quantiles(times, n=100)[98] * 1000
-    ratio = f"  x{median / (statistics.median(floor) * 1000):.2f}" if floor else ""
-    print(f"  {label:44s} median {median:7.3f} ms   p99 {p99:7.3f} ms{ratio}")
-
-
 async def bench_wasm(name: str, module: bytes, calls: int, work: Path) -> None:
     path = work / f"{name}.wasm"
     path.write_bytes(module)
-    fn = spec(artifact_path=path, artifact_sha256=hashlib.sha256(module).hexdigest())
+    fn = bench_spec("wasm", artifact_path=path, artifact_sha256=hashlib.sha256(module).hexdigest())
     runtime = WasmRuntime(WasmConfig(), cache_dir=work / "wasm-cache")
     try:
         await runtime.prepare(fn)
@@ -128,18 +80,20 @@ async def bench_wasm(name: str, module: bytes, calls: int, work: Path) -> None:
         async def whole() -> object:
             return await runtime.run(fn, INPUT, deadline=math.inf)
 
-        floor = measure(lambda: bare.run(INPUT), calls)
+        floor = measure(lambda: bare.run(INPUT), calls, warmup=WARMUP)
         print(f"wasm per-call, {name} ({len(module)} bytes):")
         report("floor: bare wasmtime instantiate + _start", floor, None)
-        report("spear worker-thread part of run()", measure(core, calls), floor)
-        report("spear await WasmRuntime.run()", await measure_async(whole, calls), floor)
+        report("spear worker-thread part of run()", measure(core, calls, warmup=WARMUP), floor)
+        report(
+            "spear await WasmRuntime.run()", await measure_async(whole, calls, warmup=WARMUP), floor
+        )
     finally:
         await runtime.aclose()
 
 
 async def bench_process(calls: int, work: Path) -> None:
     runtime = ProcessRuntime(ProcessConfig(), work_dir=work / "work")
-    fn = spec(runtime="process", command=("cat",))
+    fn = bench_spec("process", command=("cat",))
 
     async def bare() -> object:
         return await trio.run_process(["cat"], stdin=INPUT, capture_stdout=True)
@@ -147,10 +101,12 @@ async def bench_process(calls: int, work: Path) -> None:
     async def whole() -> object:
         return await runtime.run(fn, INPUT, deadline=math.inf)
 
-    floor = await measure_async(bare, calls)
+    floor = await measure_async(bare, calls, warmup=WARMUP)
     print("process per-call, cat:")
     report("floor: trio.run_process(['cat'])", floor, None)
-    report("spear await ProcessRuntime.run()", await measure_async(whole, calls), floor)
+    report(
+        "spear await ProcessRuntime.run()", await measure_async(whole, calls, warmup=WARMUP), floor
+    )
 
 
 async def main() -> None:

@@ -30,12 +30,9 @@ import ctypes
 import hashlib
 import math
 import os
-import statistics
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -43,11 +40,14 @@ import wasmtime
 
 from spear.config import WasmConfig
 from spear.demo import upper_wasm
-from spear.model import FunctionSpec, TaskId
+from spear.model import FunctionSpec
 from spear.runtimes import WasmRuntime, wat_to_wasm
 from spear.runtimes.wasm_engine import RawFunc
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.timing import bench_spec, measure, measure_async, report  # noqa: E402
+
 INPUT = b"hello, spear! " * 8
 WARMUP = 200
 
@@ -105,21 +105,17 @@ FRAMED_UPPER = """
 
 
 def spec(module_path: Path, module: bytes, mode: str) -> FunctionSpec:
-    return FunctionSpec(
-        task_id=TaskId("tk-0000000000000000"),
-        name="bench",
-        runtime="wasm",
+    return bench_spec(
+        "wasm",
         mode=mode,
         artifact_path=module_path,
         artifact_sha256=hashlib.sha256(module).hexdigest(),
-        command=(),
-        image=None,
-        env={},
-        timeout_s=30.0,
         memory_limit_bytes=64 << 20,
-        max_output_bytes=1 << 20,
-        max_log_bytes=1 << 16,
     )
+
+
+def report52(label: str, times: list[float], floor: list[float] | None) -> None:
+    report(label, times, floor, width=52, digits=4)
 
 
 def _linker(engine: wasmtime.Engine) -> wasmtime.Linker:
@@ -245,35 +241,6 @@ class FramedCommand:
         self.store.close()
 
 
-def measure(fn: Callable[[], object], calls: int) -> list[float]:
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
-
-
-async def measure_async(fn: Callable[[], Awaitable[object]], calls: int) -> list[float]:
-    for _ in range(WARMUP):
-        await fn()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        await fn()
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def report(label: str, times: list[float], floor: list[float] | None) -> None:
-    median = statistics.median(times) * 1000
-    p99 = statistics.quantiles(times, n=100)[98] * 1000
-    ratio = f"  x{median / (statistics.median(floor) * 1000):.2f}" if floor else ""
-    print(f"  {label:52s} median {median:7.4f} ms   p99 {p99:7.4f} ms{ratio}")
-
-
 async def bench_warm(
     runtime: WasmRuntime, name: str, module: bytes, calls: int, work: Path
 ) -> None:
@@ -290,19 +257,19 @@ async def bench_warm(
 
         ptr = bare.alloc(bare.store, len(INPUT))
         bare.memory.write(bare.store, INPUT, ptr)
-        floor = measure(lambda: bare.call(INPUT), calls)
+        floor = measure(lambda: bare.call(INPUT), calls, warmup=WARMUP)
         print(f"warm reactor, {name} ({len(module)} bytes), {len(INPUT)}-byte input:")
-        report("floor: bare alloc + write + spear_handle + read", floor, None)
-        report(
+        report52("floor: bare alloc + write + spear_handle + read", floor, None)
+        report52(
             "bare spear_handle call alone",
-            measure(lambda: bare.handle(bare.store, ptr, len(INPUT)), calls),
+            measure(lambda: bare.handle(bare.store, ptr, len(INPUT)), calls, warmup=WARMUP),
             floor,
         )
-        spear = await measure_async(invoke, calls)
-        report("spear await Instance.invoke()", spear, floor)
-        unchecked = measure(lambda: bare.call_unchecked(INPUT), calls)
-        report("lower floor: the same, unchecked call + ctypes", unchecked, floor)
-        report("spear await Instance.invoke(), vs the lower floor", spear, unchecked)
+        spear = await measure_async(invoke, calls, warmup=WARMUP)
+        report52("spear await Instance.invoke()", spear, floor)
+        unchecked = measure(lambda: bare.call_unchecked(INPUT), calls, warmup=WARMUP)
+        report52("lower floor: the same, unchecked call + ctypes", unchecked, floor)
+        report52("spear await Instance.invoke(), vs the lower floor", spear, unchecked)
     finally:
         await instance.aclose()
 
@@ -325,12 +292,12 @@ async def bench_worker_start(runtime: WasmRuntime, calls: int, work: Path) -> No
 
     engine = wasmtime.Engine()
     pre = _linker(engine).instantiate_pre(wasmtime.Module(engine, module))
-    floor = measure(bare, calls)
+    floor = measure(bare, calls, warmup=WARMUP)
     print("worker cold start, reactor_upper.wat, first call included:")
-    report("floor: bare Store + instantiate + _initialize + call", floor, None)
-    report(
+    report52("floor: bare Store + instantiate + _initialize + call", floor, None)
+    report52(
         "spear start_instance + invoke + aclose",
-        await measure_async(start_call_close, calls),
+        await measure_async(start_call_close, calls, warmup=WARMUP),
         floor,
     )
 
@@ -347,10 +314,10 @@ async def bench_cold(runtime: WasmRuntime, calls: int, work: Path) -> None:
     async def run() -> object:
         return await runtime.run(fn, INPUT, deadline=math.inf)
 
-    floor = measure(lambda: bare.run(INPUT), calls)
+    floor = measure(lambda: bare.run(INPUT), calls, warmup=WARMUP)
     print("per-call cold start, demo upper.wat:")
-    report("floor: bare instantiate + _start", floor, None)
-    report("spear await WasmRuntime.run()", await measure_async(run, calls), floor)
+    report52("floor: bare instantiate + _start", floor, None)
+    report52("spear await WasmRuntime.run()", await measure_async(run, calls, warmup=WARMUP), floor)
     stats = runtime.statistics()
     print(f"  (inline runs {stats['inline_runs']}, fallbacks {stats['inline_fallbacks']})")
 
@@ -367,11 +334,11 @@ async def bench_variants(runtime: WasmRuntime, calls: int, work: Path) -> None:
         async def via_reactor() -> object:
             return await reactor.invoke(INPUT, deadline=math.inf, execution_id="ex")
 
-        reactor_times = await measure_async(via_reactor, calls)
+        reactor_times = await measure_async(via_reactor, calls, warmup=WARMUP)
         print("worker variants, upper-casing, one warm instance each:")
-        report("1. reactor: await Instance.invoke()", reactor_times, None)
-        framed_times = await measure_async(lambda: framed.invoke(INPUT), calls)
-        report("2. WASI command, frames over FIFO stdin / stdout", framed_times, reactor_times)
+        report52("1. reactor: await Instance.invoke()", reactor_times, None)
+        framed_times = await measure_async(lambda: framed.invoke(INPUT), calls, warmup=WARMUP)
+        report52("2. WASI command, frames over FIFO stdin / stdout", framed_times, reactor_times)
     finally:
         framed.close()
         await reactor.aclose()

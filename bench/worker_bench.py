@@ -33,13 +33,14 @@ from pathlib import Path
 import trio
 
 from spear.config import ProcessConfig
-from spear.model import FunctionSpec, TaskId
 from spear.runtimes import ProcessRuntime
 from spear.runtimes.process_worker import ProcessInstance
 
 INPUT = b"hello, spear! " * 8
 WARMUP = 50
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.timing import bench_spec  # noqa: E402
 
 ECHO_HANDLER = "def echo(data, ctx):\n    return data\n"
 #: the floor's process: a length-prefixed echo loop on raw file descriptors
@@ -60,26 +61,6 @@ while True:
 """
 
 Timed = Callable[[], Awaitable[object]]
-
-
-def spec(**fields: object) -> FunctionSpec:
-    base: dict[str, object] = {
-        "task_id": TaskId("tk-0000000000000000"),
-        "name": "bench",
-        "runtime": "process",
-        "mode": "per-call",
-        "artifact_path": None,
-        "artifact_sha256": None,
-        "command": (),
-        "image": None,
-        "env": {},
-        "timeout_s": 30.0,
-        "memory_limit_bytes": 256 << 20,
-        "max_output_bytes": 1 << 20,
-        "max_log_bytes": 1 << 16,
-    }
-    base.update(fields)
-    return FunctionSpec(**base)  # type: ignore[arg-type]
 
 
 class BarePipe:
@@ -140,7 +121,9 @@ async def bench_workers(calls: int, rounds: int, work: Path, c_worker: Path | No
     runtime = ProcessRuntime(ProcessConfig(), work_dir=work / "work")
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(work)])}
     command = (sys.executable, "-m", "spear.worker", "bench_echo:echo")
-    instance = await runtime.start_instance(spec(mode="worker", command=command, env=env))
+    instance = await runtime.start_instance(
+        bench_spec("process", mode="worker", command=command, env=env)
+    )
     bare_proc = await trio.lowlevel.open_process(
         [sys.executable, "-c", BARE_ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
@@ -151,7 +134,9 @@ async def bench_workers(calls: int, rounds: int, work: Path, c_worker: Path | No
     ]
     instances = [instance]
     if c_worker is not None:
-        c_instance = await runtime.start_instance(spec(mode="worker", command=(str(c_worker),)))
+        c_instance = await runtime.start_instance(
+            bench_spec("process", mode="worker", command=(str(c_worker),))
+        )
         instances.append(c_instance)
         pairs.append(
             ("c", lambda: c_instance.invoke(INPUT, deadline=math.inf, execution_id="ex-bench"))
@@ -175,7 +160,7 @@ async def bench_workers(calls: int, rounds: int, work: Path, c_worker: Path | No
 
 async def bench_per_call(calls: int, rounds: int, work: Path) -> None:
     runtime = ProcessRuntime(ProcessConfig(), work_dir=work / "work")
-    fn = spec(command=("cat",))
+    fn = bench_spec("process", command=("cat",))
 
     async def bare() -> object:
         proc = await trio.lowlevel.open_process(

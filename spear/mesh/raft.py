@@ -128,6 +128,10 @@ class RaftCore(Elections):
         self._votes: set[str] = set()
         self._election_deadline = math.inf
         self._reset_election_timer(now)
+        if self._membership.voters == (node_id,):
+            # The only voter of its cluster restarts: nobody else can lead, so waiting out an
+            # election timeout would only delay the API. Campaign at the first tick.
+            self._election_deadline = now
         self._emitted_hard = HardState(term=self._term, voted_for=self._voted_for)
         self._emitted_soft = SoftState(role=self.role, term=self._term, leader_id=None)
 
@@ -186,6 +190,13 @@ class RaftCore(Elections):
         if self._state == "leader":
             return self._leader_deadline()
         return self._election_deadline
+
+    def holds_quorum_contact(self, now: float) -> bool:
+        """Whether this node leads and heard from a quorum of voters within the check-quorum
+        window: false in the moment after a long pause, before a tick lets it step down."""
+        if self._state != "leader":
+            return False
+        return now < self._quorum_contact() + self._t.election_timeout_min_s
 
     def status(self) -> dict[str, Any]:
         """A JSON-able summary for /api/v1/cluster and debugging."""

@@ -175,16 +175,23 @@ async def serve_cluster(
     incarnation = await trio.to_thread.run_sync(_next_incarnation, store)
     codec = MessageCodec({**RAFT_MESSAGES, **SWIM_MESSAGES, **ARTIFACT_MESSAGES})
     async with trio.open_nursery() as nursery:
-        transport: Transport = await nursery.start(
-            lambda task_status: serve_transport(
-                node_id=node_id,
-                listen=config.mesh.listen,
-                cluster_key=key,
-                codec=codec,
-                max_frame_bytes=config.mesh.max_frame_bytes,
-                task_status=task_status,
+        try:
+            transport: Transport = await nursery.start(
+                lambda task_status: serve_transport(
+                    node_id=node_id,
+                    listen=config.mesh.listen,
+                    cluster_key=key,
+                    codec=codec,
+                    max_frame_bytes=config.mesh.max_frame_bytes,
+                    task_status=task_status,
+                )
             )
-        )
+        except* OSError as group:
+            exc: BaseException = group
+            while isinstance(exc, BaseExceptionGroup):
+                exc = exc.exceptions[0]
+            reason = (getattr(exc, "strerror", None) or str(exc)).lower()
+            raise ConfigError(f"mesh.listen {config.mesh.listen} cannot be used: {reason}") from exc
         now = trio.current_time()
         has_state = (
             durable.hard_state is not None or bool(durable.entries) or bool(durable.snapshot)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from spear.errors import SpearError
-from spear.roles.invoke_path import ASGIApp, Receive, Scope, Send
+from spear.errors import SpearError, UnavailableError
+from spear.roles.invoke_path import ASGIApp, Receive, Scope, Send, error_doc_answer
 from spear.roles.replication import Replicator
 from spear.roles.sms import TaskService
 
@@ -125,10 +125,17 @@ class RoleRouter:
         services: LeaderServices,
         follower_app: ASGIApp,
         health: Callable[[], dict[str, object]],
+        leads_now: Callable[[], bool] = lambda: True,
     ) -> None:
+        """
+        Args:
+            leads_now: whether this node may answer as leader at this moment (a leader that
+                was paused past its check-quorum window must not answer before it steps down).
+        """
         self._services = services
         self._follower_app = follower_app
         self._health = health
+        self._leads_now = leads_now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -138,6 +145,10 @@ class RoleRouter:
             await _send_json(send, self._health())
             return
         app = self._services.app
+        if app is not None and not self._leads_now():
+            exc = UnavailableError("this node's leadership is being re-checked; retry shortly")
+            await error_doc_answer(exc, "routing").send(send)
+            return
         await (app or self._follower_app)(scope, receive, send)
 
 

@@ -110,6 +110,11 @@ class Replicator:
         """The core, for status documents only (never call its methods from outside)."""
         return self._core
 
+    def leads_now(self) -> bool:
+        """Whether this node leads and a quorum of voters answered it within the check-quorum
+        window (a cheap guard against answering from a deposed leader's state)."""
+        return self._core.holds_quorum_contact(trio.current_time())
+
     async def wait_applied(self, index: int) -> None:
         """Wait until this node has applied the log up to `index`."""
         while self._core.applied_index < index:

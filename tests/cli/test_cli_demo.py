@@ -111,21 +111,26 @@ def test_demo_reuses_its_task_with_the_same_data_dir(tmp_path: Path) -> None:
             assert demo.stop() == 0, demo.output
 
 
-def test_demo_port_in_use_is_one_line_exit_1(tmp_path: Path, spear_cli: SpearCli) -> None:
+@pytest.mark.parametrize(
+    ("busy_flag", "key"), [("--http", "gateway.http"), ("--listen", "mesh.listen")]
+)
+def test_demo_port_in_use_is_one_line_exit_1(
+    tmp_path: Path, spear_cli: SpearCli, busy_flag: str, key: str
+) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        addresses = {"--http": f"127.0.0.1:{free_port()}", "--listen": f"127.0.0.1:{free_port()}"}
+        addresses[busy_flag] = f"127.0.0.1:{port}"
         result = spear_cli(
             "demo",
             "--data-dir",
             str(tmp_path / "data"),
-            "--http",
-            f"127.0.0.1:{port}",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
+            *(item for pair in addresses.items() for item in pair),
         )
     stderr = result.stderr.decode()
     assert result.returncode == 1, stderr
     assert "Traceback" not in stderr
     assert stderr.startswith("spear: ") and stderr.count("\n") == 1, stderr
+    assert key in stderr, stderr

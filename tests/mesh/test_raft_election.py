@@ -42,6 +42,23 @@ def test_single_node_bootstrap_commits_immediately() -> None:
     assert [e.data for e in ready.committed] == [b"x"] and ready.entries == ready.committed
 
 
+def test_a_lone_voter_leads_again_at_its_first_tick_after_a_restart() -> None:
+    first = fresh()
+    ready = first.bootstrap(["a"], now=0.0)
+    restarted = RaftCore(
+        node_id="a",
+        timings=SIM,
+        rng=random.Random(1),
+        now=50.0,
+        hard_state=ready.hard_state,
+        entries=ready.entries,
+        applied=2,
+    )
+    assert restarted.status()["role"] == "follower" and restarted.next_deadline == 50.0
+    restarted.tick(50.0)
+    assert restarted.status()["role"] == "leader" and restarted.term == 3
+
+
 def test_bootstrap_only_on_empty_state_and_only_as_a_voter() -> None:
     core = fresh()
     with pytest.raises(BootstrapError, match="not among the bootstrap voters"):

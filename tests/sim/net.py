@@ -1,0 +1,293 @@
+"""SimNet: a seeded, faulty, in-memory network for the cluster simulator.
+
+Every node owns an `Inbox`: a heap of deliveries ordered by (arrival time, send sequence). A
+send consults the directed link `src -> dst`:
+
+- blocked (partitions: symmetric, asymmetric, non-transitive): the message is lost;
+- drop probability: the message is lost;
+- latency (a `Latency` distribution, sampled per copy): later messages may overtake earlier
+  ones, which is how reordering happens;
+- duplicate probability: a second copy with its own latency;
+- clogged until `t`: the message is held and arrives no earlier than `t` (FoundationDB's
+  "clog": delayed, not lost);
+- `filters`: drop-by-content rules (e.g. "no AppendEntries for now") for directed scenarios,
+  applied at send and again on arrival (so they also lose messages already in flight).
+
+All randomness comes from one seed: each directed link draws from its own
+`random.Random(f"{seed}:net:{src}->{dst}")`, so what one link does never depends on how
+busy another link was. When a codec is given, messages travel as encoded bytes and are
+decoded on arrival, so the wire encoding of every message kind is exercised.
+
+Time is trio's (`trio.current_time()`, virtual under MockClock). The receiving driver waits
+with `Inbox.wait_until(deadline)`, which returns early when a message arrives before the
+deadline; nothing here starts tasks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import trio
+
+
+class Codec(Protocol):
+    """What SimNet needs from a message codec (spear.mesh.codec.MessageCodec fits)."""
+
+    def encode(self, message: object) -> bytes: ...
+
+    def decode(self, data: bytes) -> object: ...
+
+
+class EnvelopeCodec:
+    """Adapts spear.mesh.codec.MessageCodec (whose decode returns a `Decoded` envelope) to
+    the `Codec` shape SimNet uses."""
+
+    def __init__(self, codec: Any) -> None:
+        self._codec = codec
+
+    def encode(self, message: object) -> bytes:
+        data: bytes = self._codec.encode(message)
+        return data
+
+    def decode(self, data: bytes) -> object:
+        return self._codec.decode(data).message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Latency:
+    """One-way latency: uniform in [min_s, max_s), with a rare spike of `spike_s` added."""
+
+    min_s: float = 0.0005
+    max_s: float = 0.005
+    spike_probability: float = 0.001
+    spike_s: float = 0.2
+
+    def sample(self, rng: random.Random) -> float:
+        """Draw one latency in seconds."""
+        value = rng.uniform(self.min_s, self.max_s)
+        if self.spike_probability and rng.random() < self.spike_probability:
+            value += self.spike_s
+        return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkRule:
+    """The fault settings of one directed link."""
+
+    blocked: bool = False
+    drop_probability: float = 0.0
+    duplicate_probability: float = 0.0
+    latency: Latency = field(default_factory=Latency)
+    clogged_until: float = 0.0
+
+
+@dataclass(slots=True)
+class NetStatistics:
+    """Counters over the whole network."""
+
+    sent: int = 0
+    delivered: int = 0
+    dropped: int = 0
+    blocked: int = 0
+    duplicated: int = 0
+    lost_in_crash: int = 0
+    encoded_bytes: int = 0
+
+
+@dataclass(order=True, slots=True)
+class _Delivery:
+    at: float
+    seq: int
+    src: str = field(compare=False)
+    payload: object = field(compare=False)
+
+
+class Inbox:
+    """One node's incoming messages, in arrival order, with a wake-up for its driver."""
+
+    def __init__(self) -> None:
+        self._heap: list[_Delivery] = []
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def next_arrival(self) -> float:
+        """When the earliest pending message arrives (inf when none is in flight)."""
+        return self._heap[0].at if self._heap else float("inf")
+
+    def push(self, delivery: _Delivery) -> None:
+        heapq.heappush(self._heap, delivery)
+        scope = self._scope
+        if scope is not None and delivery.at < scope.deadline:
+            # Pull the sleeping driver's wake-up forward instead of waking it now: one
+            # scheduler round trip per arrival, not two.
+            scope.deadline = delivery.at
+
+    def pop_due(self, now: float) -> _Delivery | None:
+        """The earliest message that has arrived by `now`, or None."""
+        if self._heap and self._heap[0].at <= now:
+            return heapq.heappop(self._heap)
+        return None
+
+    def drop_arrived(self, now: float) -> int:
+        """Forget messages that reached the (crashed) process; return how many."""
+        kept = [d for d in self._heap if d.at > now]
+        lost = len(self._heap) - len(kept)
+        heapq.heapify(kept)
+        self._heap = kept
+        return lost
+
+    async def wait_until(self, deadline: float) -> None:
+        """Sleep until `deadline` or the next arrival, whichever comes first (an arrival
+        pushed meanwhile moves the wake-up earlier)."""
+        wake_at = min(deadline, self.next_arrival)
+        if wake_at <= trio.current_time():
+            await trio.lowlevel.checkpoint()
+            return
+        self._scope = trio.CancelScope(deadline=wake_at)
+        try:
+            with self._scope:
+                await trio.sleep_forever()
+        finally:
+            self._scope = None
+
+
+class SimNet:
+    """The network: named nodes, directed link rules, seeded faults.
+
+    Args:
+        seed: the simulation seed; every link's RNG derives from it.
+        latency: the default latency of every link.
+        codec: when given, messages are encoded on send and decoded on delivery.
+    """
+
+    def __init__(
+        self, seed: int, *, latency: Latency | None = None, codec: Codec | None = None
+    ) -> None:
+        self._seed = seed
+        self._default = LinkRule(latency=latency or Latency())
+        self._rules: dict[tuple[str, str], LinkRule] = {}
+        self._rngs: dict[tuple[str, str], random.Random] = {}
+        self._inboxes: dict[str, Inbox] = {}
+        self._codec = codec
+        self._seq = itertools.count()
+        self.statistics = NetStatistics()
+        #: drop-by-content rules: a message for which any filter returns True is lost
+        self.filters: list[Callable[[str, str, object], bool]] = []
+
+    def add_node(self, name: str) -> Inbox:
+        """Attach a node; return its inbox (the same one after a restart)."""
+        return self._inboxes.setdefault(name, Inbox())
+
+    @property
+    def nodes(self) -> list[str]:
+        return list(self._inboxes)
+
+    def rule(self, src: str, dst: str) -> LinkRule:
+        return self._rules.get((src, dst), self._default)
+
+    def set_rule(self, src: str, dst: str, **changes: object) -> None:
+        """Change some settings of the directed link `src -> dst`."""
+        self._rules[(src, dst)] = replace(self.rule(src, dst), **changes)  # type: ignore[arg-type]
+
+    def set_all(self, **changes: object) -> None:
+        """Change settings on every directed link between attached nodes (and the default)."""
+        self._default = replace(self._default, **changes)  # type: ignore[arg-type]
+        for key in list(self._rules):
+            self._rules[key] = replace(self._rules[key], **changes)  # type: ignore[arg-type]
+
+    def block(self, src: str, dst: str) -> None:
+        """Cut the directed link `src -> dst` (an asymmetric fault if only one way)."""
+        self.set_rule(src, dst, blocked=True)
+
+    def cut(self, a: str, b: str) -> None:
+        """Cut both directions between a and b."""
+        self.block(a, b)
+        self.block(b, a)
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Symmetric partition: links between different groups are cut; nodes not named form
+        one more group."""
+        sets = [list(g) for g in groups]
+        named = {n for g in sets for n in g}
+        rest = [n for n in self._inboxes if n not in named]
+        if rest:
+            sets.append(rest)
+        side = {n: i for i, g in enumerate(sets) for n in g}
+        for a in self._inboxes:
+            for b in self._inboxes:
+                if a != b and side[a] != side[b]:
+                    self.block(a, b)
+
+    def isolate(self, name: str) -> None:
+        """Cut every link to and from `name`."""
+        for other in self._inboxes:
+            if other != name:
+                self.cut(name, other)
+
+    def clog(self, name: str, until: float) -> None:
+        """Hold every message to and from `name` until virtual time `until`."""
+        for other in self._inboxes:
+            if other != name:
+                self.set_rule(name, other, clogged_until=until)
+                self.set_rule(other, name, clogged_until=until)
+
+    def heal(self) -> None:
+        """Unblock and unclog every link; loss, duplication and latency settings stay."""
+        for key, rule in list(self._rules.items()):
+            self._rules[key] = replace(rule, blocked=False, clogged_until=0.0)
+
+    def _rng(self, src: str, dst: str) -> random.Random:
+        rng = self._rngs.get((src, dst))
+        if rng is None:
+            rng = self._rngs[(src, dst)] = random.Random(f"{self._seed}:net:{src}->{dst}")
+        return rng
+
+    def send(self, src: str, dst: str, message: object) -> None:
+        """Send one message now; faults apply per the link rule. Never blocks."""
+        stats = self.statistics
+        stats.sent += 1
+        inbox = self._inboxes.get(dst)
+        rule = self.rule(src, dst)
+        if inbox is None or rule.blocked or any(f(src, dst, message) for f in self.filters):
+            stats.blocked += 1
+            return
+        rng = self._rng(src, dst)
+        if rule.drop_probability and rng.random() < rule.drop_probability:
+            stats.dropped += 1
+            return
+        payload: object = message
+        if self._codec is not None:
+            encoded = self._codec.encode(message)
+            stats.encoded_bytes += len(encoded)
+            payload = encoded
+        copies = 1
+        if rule.duplicate_probability and rng.random() < rule.duplicate_probability:
+            copies = 2
+            stats.duplicated += 1
+        now = trio.current_time()
+        for _ in range(copies):
+            at = max(now + rule.latency.sample(rng), rule.clogged_until)
+            inbox.push(_Delivery(at, next(self._seq), src, payload))
+
+    def receive(self, name: str, now: float) -> tuple[str, object] | None:
+        """The next message that has arrived at `name` by `now`, decoded: (src, message)."""
+        inbox = self._inboxes[name]
+        while (delivery := inbox.pop_due(now)) is not None:
+            payload = delivery.payload
+            if self._codec is not None:
+                payload = self._codec.decode(payload)  # type: ignore[arg-type]
+            if self.filters and any(f(delivery.src, name, payload) for f in self.filters):
+                self.statistics.blocked += 1  # lost in flight
+                continue
+            self.statistics.delivered += 1
+            return delivery.src, payload
+        return None
+
+    def crash(self, name: str, now: float) -> None:
+        """Messages that reached `name`'s process but were not handled die with it."""
+        self.statistics.lost_in_crash += self._inboxes[name].drop_arrived(now)
