@@ -54,6 +54,9 @@ class NodeProcess:
     extra_args: Sequence[str] = ()
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    #: ready when /health says the node serves the API as leader (a lone node), or only that
+    #: it is up (a node of a cluster still forming)
+    ready_when_serving: bool = True
 
     @property
     def url(self) -> str:
@@ -97,7 +100,10 @@ class NodeProcess:
             if self.proc.poll() is not None:
                 pytest.fail(f"spear node exited with {self.proc.returncode}:\n{self.output}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=1.0).json().get("status") == "ok":
+                health = httpx.get(f"{self.url}/health", timeout=1.0).json()
+                if health.get("status") == "ok" and (
+                    health.get("serving") or not self.ready_when_serving
+                ):
                     return
             except (httpx.TransportError, ValueError):
                 pass

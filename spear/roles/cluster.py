@@ -22,8 +22,9 @@ from typing import Any
 
 import trio
 
+from spear import wire
 from spear.config import Config
-from spear.errors import ConfigError, SpearError
+from spear.errors import ConfigError, SpearError, WireError
 from spear.mesh import (
     RAFT_MESSAGES,
     RAFT_PROFILES,
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 JOIN_TOKEN_FILE = "join-token"
 _INCARNATION = b"meta/incarnation"
+_PEERS = b"meta/peers"
 _RAFT_TYPES = tuple(RAFT_MESSAGES.values())
 _ARTIFACT_TYPES = tuple(ARTIFACT_MESSAGES.values())
 
@@ -227,7 +229,7 @@ async def serve_cluster(
         )
 
         def send_raft(to: str, message: object) -> None:
-            address = gossip.address_of(to)
+            address = gossip.last_address(to)
             if address is not None:
                 transport.send(address, message)
 
@@ -243,8 +245,10 @@ async def serve_cluster(
         await nursery.start(gossip.serve)
         await nursery.start(replicator.serve)
         nursery.start_soon(_route_inbound, transport, gossip, replicator, sync)
-        if config.mesh.join:
-            gossip.join(config.mesh.join)
+        seeds = sorted({*config.mesh.join, *await trio.to_thread.run_sync(_known_peers, store)})
+        if seeds:
+            gossip.join(seeds)
+        nursery.start_soon(_remember_peers, gossip, store)
         if not has_state and meta.voter:
             nursery.start_soon(_bootstrap_when_ready, gossip, replicator, meta, config)
         nursery.start_soon(_admit_learners, gossip, replicator)
@@ -257,6 +261,29 @@ async def serve_cluster(
             artifacts=sync,
         )
         task_status.started(handle)
+
+
+def _known_peers(store: Store) -> list[str]:
+    raw = store.get(_PEERS)
+    if raw is None:
+        return []
+    try:
+        peers = wire.loads(raw)
+    except WireError:
+        return []
+    return [p for p in peers if isinstance(p, str)] if isinstance(peers, list) else []
+
+
+async def _remember_peers(gossip: GossipDriver, store: Store) -> None:
+    """Keep the peers' addresses in the store: a restarted node rejoins through them even
+    when it was the cluster's seed and has no `mesh.join` of its own."""
+    stored: list[str] = []
+    while True:
+        peers = gossip.peer_addresses()
+        if peers and peers != stored:
+            await trio.to_thread.run_sync(store.write_batch, [Put(_PEERS, wire.dumps(peers))])
+            stored = peers
+        await gossip.wait_change()
 
 
 def _next_incarnation(store: Store) -> int:

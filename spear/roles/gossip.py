@@ -60,6 +60,20 @@ class GossipDriver:
             return None
         return member.meta.mesh_address
 
+    def last_address(self, node_id: str) -> str | None:
+        """The mesh address a member last announced, whatever its state (Raft keeps talking
+        to every voter: a SWIM verdict is no reason to stop trying)."""
+        member = self._core.member(node_id)
+        return None if member is None else member.meta.mesh_address
+
+    def peer_addresses(self) -> list[str]:
+        """The mesh addresses of every other member that has not left, sorted."""
+        return sorted(
+            m.meta.mesh_address
+            for m in self._core.members()
+            if m.node_id != self.node_id and m.state is not MemberState.LEFT
+        )
+
     def statistics(self) -> dict[str, Any]:
         stats = self._core.statistics()
         doc = {name: getattr(stats, name) for name in stats.__dataclass_fields__}

@@ -71,11 +71,15 @@ def cluster(tmp_path: Path) -> Iterator[list[ChaosNode]]:
     config.write_text('[mesh]\nprofile = "lan-fast"\n')
     token = join_token(new_cluster_key())
     common = ["--config", str(config), "--join-token", token, "--bootstrap-expect", "3"]
-    first = ChaosNode(tmp_path / "n1", extra_args=[*common, "--name", "n1"])
+    first = ChaosNode(
+        tmp_path / "n1", extra_args=[*common, "--name", "n1"], ready_when_serving=False
+    )
     nodes = [first]
     for name in ("n2", "n3"):
         join = ["--join", first.listen, "--name", name]
-        nodes.append(ChaosNode(tmp_path / name, extra_args=[*common, *join]))
+        nodes.append(
+            ChaosNode(tmp_path / name, extra_args=[*common, *join], ready_when_serving=False)
+        )
     try:
         for node in nodes:
             node.start()
