@@ -37,7 +37,6 @@ from spear.roles import (
 )
 from spear.roles.cluster import ClusterHandle, is_voter, serve_cluster
 from spear.roles.forwarding import ForwardingApp
-from spear.roles.invoke_path import ASGIApp
 from spear.roles.leadership import LeaderServices, RoleRouter, serve_leadership
 from spear.runtimes import RuntimeManager, open_runtime_manager
 from spear.store import Store, open_store
@@ -197,18 +196,18 @@ async def _serve_roles(
     host = HostMetrics(data_dir)
     replicator = mesh.replicator
 
-    def make_service() -> TaskService:
-        return TaskService(
-            config=config.sms,
-            state=state,
-            spearlet=spearlet,
-            artifacts=artifacts,
-            commit=replicator.commit,
-            replicate_file=mesh.replicate_file,
-        )
-
-    def build(service: TaskService) -> ASGIApp:
-        return build_app(service, info, config.gateway, host, cluster=mesh)
+    # One TaskService and one web app for the node's life: each leadership term only runs
+    # the service's async workers (building the app costs a few hundred milliseconds, which
+    # would otherwise lengthen every failover).
+    service = TaskService(
+        config=config.sms,
+        state=state,
+        spearlet=spearlet,
+        artifacts=artifacts,
+        commit=replicator.commit,
+        replicate_file=mesh.replicate_file,
+    )
+    app = build_app(service, info, config.gateway, host, cluster=mesh)
 
     async def before_leading() -> None:
         # A new leader may lack blobs uploaded through another: fetch them first.
@@ -223,8 +222,8 @@ async def _serve_roles(
             serve_leadership,
             replicator,
             leader,
-            make_service=make_service,
-            build_app=build,
+            make_service=lambda: service,
+            build_app=lambda _service: app,
             before_leading=before_leading,
         )
     )

@@ -20,7 +20,13 @@ from typing import Any, Literal
 import trio
 
 from spear.config import SmsConfig
-from spear.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
+from spear.errors import (
+    ConflictError,
+    NotFoundError,
+    SpearError,
+    UnavailableError,
+    ValidationError,
+)
 from spear.model import (
     ErrorCode,
     ExecStatus,
@@ -195,6 +201,11 @@ class TaskService:
                 data,
                 timeout_s=None if timeout_ms is None else timeout_ms / 1000,
             )
+        except SpearError:
+            # Refused before it ran (a saturated pool, a deleted task): the client gets the
+            # error, and no record says it ran; a retry with the same key runs afresh.
+            self._forget_sync(entry)
+            raise
         except BaseException:
             entry.record = replace(record, status=ExecStatus.CANCELLED, finished_at=self._now())
             entry.done.set()
@@ -230,6 +241,14 @@ class TaskService:
         if record.idempotency_key is not None:
             self._sync_idem[(record.task_id, record.idempotency_key)] = record.execution_id
         self._evict()
+
+    def _forget_sync(self, entry: _SyncEntry) -> None:
+        record = entry.record
+        self._sync.pop(record.execution_id, None)
+        if record.idempotency_key is not None:
+            self._sync_idem.pop((record.task_id, record.idempotency_key), None)
+        entry.record = _failed(record, ErrorCode.START_FAILED, "it was refused", self._now())
+        entry.done.set()  # a duplicate waiting on it learns it was refused
 
     def _evict(self) -> None:
         limit, budget = self._config.sync_record_limit, self._config.sync_record_bytes
@@ -349,7 +368,15 @@ class TaskService:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Prewarm the stored tasks' pools, then run accepted async executions,
-        `sms.async_workers` at a time."""
+        `sms.async_workers` at a time, until cancelled (when this node stops leading).
+
+        Each start (each leadership term) begins with a fresh queue of every unfinished
+        execution in the replicated state, so nothing queued in an earlier term runs twice.
+        """
+        self._queue_send, self._queue_recv = trio.open_memory_channel[ExecutionId](
+            self._config.async_queue_limit
+        )
+        self._queued = 0
         for task in self._state.tasks():
             self._spearlet.prewarm(task)
         for record in await trio.to_thread.run_sync(self._state.unfinished_executions):

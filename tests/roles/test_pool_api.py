@@ -134,6 +134,8 @@ async def test_saturated_task_answers_429_with_retry_after(
     assert (blocked[0].status_code, blocked[0].content) == (200, b"released")
     stats = (await pools(api, node))[task["task_id"]]
     assert stats["saturated"] == 1 and stats["waiting"] == 0 and stats["in_flight"] == 0
+    listed = await api.get("/api/v1/executions", params={"task": "narrow"})
+    assert [r["status"] for r in listed.json()["executions"]] == ["succeeded"] * 2  # not the 429
 
 
 async def test_deleting_a_task_closes_its_instances(
