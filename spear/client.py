@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -99,6 +100,9 @@ class SpearClient:
         timeout_s: connect/read/write timeout of each request (sync invocations wait longer:
             the function's deadline plus this).
         transport: an httpx transport to use instead of the network (tests).
+        retry_s: how long to keep retrying a request the cluster answered with 503 because
+            no leader was serving it yet (an election or a failover): the request never
+            reached a leader, so sending it again is safe. 0 = never retry.
     """
 
     def __init__(
@@ -107,9 +111,11 @@ class SpearClient:
         *,
         timeout_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        retry_s: float = 15.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.retry_s = retry_s
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=timeout_s,
@@ -267,13 +273,19 @@ class SpearClient:
     def _request(
         self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201, 202), **kwargs: Any
     ) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise _unreachable(self.base_url, exc) from exc
-        if response.status_code not in ok:
-            raise _error_from(response, self.base_url)
-        return response
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise _unreachable(self.base_url, exc) from exc
+            if response.status_code in ok:
+                return response
+            error = _error_from(response, self.base_url)
+            remaining_s = deadline - time.monotonic()
+            if error.code not in _NO_LEADER_YET or remaining_s <= 0:
+                raise error
+            time.sleep(min(_retry_after(response), remaining_s))
 
 
 def _seg(value: str) -> str:
@@ -350,6 +362,10 @@ def _error_from(response: httpx.Response, base_url: str) -> SpearError:
         exc = kind(message)
     exc.code = code
     return exc
+
+
+#: 503s that mean the request reached no leader (retrying it cannot apply it twice)
+_NO_LEADER_YET = frozenset({"unavailable", "not_leader"})
 
 
 def _retry_after(response: httpx.Response) -> float:

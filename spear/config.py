@@ -121,6 +121,14 @@ class ProcessConfig(Section):
     cpu_time_limit_s: int = Field(default=0, ge=0, description="RLIMIT_CPU; 0 = from timeout")
     isolate_network: bool = False
     work_dir: str = Field(default="", description="empty = <node.data_dir>/work")
+    worker_start_timeout_ms: int = Field(
+        default=30_000,
+        ge=1,
+        description="a worker's start, up to its hello (at least the task's timeout)",
+    )
+    worker_cancel_grace_ms: int = Field(
+        default=500, ge=0, description="a cancelled request's answer, before the worker is killed"
+    )
 
 
 class DockerConfig(Section):

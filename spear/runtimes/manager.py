@@ -17,6 +17,7 @@ from spear.model import RUNTIMES
 from spear.runtimes.base import Runtime
 from spear.runtimes.docker import DockerRuntime
 from spear.runtimes.process import ProcessRuntime
+from spear.runtimes.process_worker import WorkerSettings
 from spear.runtimes.wasm import WasmRuntime
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,13 @@ def _start_runtimes(
         unavailable["wasm"] = "disabled (runtimes.wasm.enabled = false)"
     if config.process.enabled:
         work_dir = data_dir / (config.process.work_dir or "work")
-        runtimes["process"] = ProcessRuntime(config.process, work_dir=work_dir)
+        settings = WorkerSettings(
+            start_timeout_s=config.process.worker_start_timeout_ms / 1000,
+            cancel_grace_s=config.process.worker_cancel_grace_ms / 1000,
+        )
+        runtimes["process"] = ProcessRuntime(
+            config.process, work_dir=work_dir, worker_settings=settings
+        )
     else:
         unavailable["process"] = "disabled (runtimes.process.enabled = false)"
 

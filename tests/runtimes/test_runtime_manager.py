@@ -9,10 +9,11 @@ import pytest
 
 from spear.config import DockerConfig, ProcessConfig, RuntimesConfig, WasmConfig
 from spear.demo import upper_wasm
-from spear.errors import ValidationError
+from spear.errors import RuntimeFailure, ValidationError
 from spear.model import ExecStatus
 from spear.runtimes import ProcessRuntime, WasmRuntime, open_runtime_manager
 from tests.runtimes.conftest import ArtifactFactory, function_spec
+from tests.runtimes.test_worker_instance import worker_spec
 
 
 async def test_defaults_offer_wasm_and_process(tmp_path: Path) -> None:
@@ -69,3 +70,12 @@ async def test_runs_through_the_manager(tmp_path: Path, artifact: ArtifactFactor
     assert outcome.status is ExecStatus.SUCCEEDED
     assert outcome.output == b"ABC"
     assert stats["wasm"]["compiles"] == 1
+
+
+async def test_process_worker_bounds_come_from_the_config(tmp_path: Path) -> None:
+    process = ProcessConfig(worker_start_timeout_ms=200, worker_cancel_grace_ms=0)
+    config = RuntimesConfig(process=process, docker=DockerConfig(enabled=False))
+    spec = worker_spec("sleep", "30", timeout_s=0.05)  # never says hello
+    async with open_runtime_manager(config, data_dir=tmp_path) as manager:
+        with pytest.raises(RuntimeFailure, match=r"no hello frame within 0\.200 s"):
+            await manager.get("process").start_instance(spec)
