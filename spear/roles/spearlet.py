@@ -197,7 +197,9 @@ class Spearlet:
                         task, spec, data, execution_id, deadline, acquire_timeout_s
                     )
                 else:
-                    outcome = await runtime.run(spec, data, deadline=deadline)
+                    outcome = await runtime.run(
+                        spec, data, deadline=deadline, execution_id=execution_id
+                    )
             finally:
                 del self._running[execution_id]
         if outcome is None:

@@ -87,8 +87,12 @@ class Runtime(Protocol):
         """
         ...
 
-    async def run(self, spec: FunctionSpec, data: bytes, *, deadline: float) -> RunOutcome:
+    async def run(
+        self, spec: FunctionSpec, data: bytes, *, deadline: float, execution_id: str = ""
+    ) -> RunOutcome:
         """Run the function once with `data` on stdin; `deadline` is a `trio.current_time()`.
+
+        `execution_id` names the run where the runtime shows it (e.g. a container label).
 
         The effective timeout is `min(spec.timeout_s, deadline - now)`. Never raises for a
         function-level failure; raises `trio.Cancelled` only after the guest has stopped.

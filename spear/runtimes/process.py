@@ -153,7 +153,9 @@ class ProcessRuntime:
         if spec.artifact_sha256 is not None:
             await trio.to_thread.run_sync(self._stage, spec)
 
-    async def run(self, spec: FunctionSpec, data: bytes, *, deadline: float) -> RunOutcome:
+    async def run(
+        self, spec: FunctionSpec, data: bytes, *, deadline: float, execution_id: str = ""
+    ) -> RunOutcome:
         started = time.perf_counter()
         timeout_s = effective_timeout_s(spec, deadline)
         if timeout_s <= 0:

@@ -218,7 +218,9 @@ class WasmRuntime:
         self._reactors.add(reactor)
         return reactor
 
-    async def run(self, spec: FunctionSpec, data: bytes, *, deadline: float) -> RunOutcome:
+    async def run(
+        self, spec: FunctionSpec, data: bytes, *, deadline: float, execution_id: str = ""
+    ) -> RunOutcome:
         started = time.perf_counter()
         timeout_s = effective_timeout_s(spec, deadline)
         if timeout_s <= 0:
