@@ -31,6 +31,7 @@ from spear.mesh import (
     SWIM_MESSAGES,
     SWIM_PROFILES,
     BootstrapCandidate,
+    Inbound,
     MemberMeta,
     Membership,
     MemberState,
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 JOIN_TOKEN_FILE = "join-token"
 _INCARNATION = b"meta/incarnation"
 _PEERS = b"meta/peers"
+#: artifact requests from peers served at once, and waiting beyond those
+ARTIFACT_WORKERS = 4
+ARTIFACT_QUEUE = 64
 _RAFT_TYPES = tuple(RAFT_MESSAGES.values())
 _ARTIFACT_TYPES = tuple(ARTIFACT_MESSAGES.values())
 
@@ -297,15 +301,29 @@ def _next_incarnation(store: Store) -> int:
 async def _route_inbound(
     transport: Transport, gossip: GossipDriver, replicator: Replicator, sync: ArtifactSync
 ) -> None:
-    async with trio.open_nursery() as requests:
+    requests_send, requests = trio.open_memory_channel[Inbound](ARTIFACT_QUEUE)
+    async with trio.open_nursery() as nursery:
+        for _ in range(ARTIFACT_WORKERS):
+            nursery.start_soon(_serve_artifact_requests, sync, requests.clone())
         async for inbound in transport.inbound:
             message = inbound.message
             if isinstance(message, _RAFT_TYPES):
                 replicator.deliver(message)
             elif isinstance(message, _ARTIFACT_TYPES):
-                requests.start_soon(sync.handle, inbound)
+                try:
+                    requests_send.send_nowait(inbound)
+                except trio.WouldBlock:
+                    if inbound.reply is not None:  # bounded: a flood is refused, not queued
+                        inbound.reply.fail_nowait("busy", "too many artifact requests; retry")
             else:
                 gossip.deliver(inbound.peer_address, message)
+
+
+async def _serve_artifact_requests(
+    sync: ArtifactSync, requests: trio.MemoryReceiveChannel[Inbound]
+) -> None:
+    async for inbound in requests:
+        await sync.handle(inbound)
 
 
 async def _bootstrap_when_ready(
