@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import trio
-import wasmtime
 
 from spear.config import ProcessConfig, WasmConfig
 from spear.demo import upper_wasm
@@ -30,36 +29,11 @@ from spear.runtimes.guest import GuestRun
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.floors import BareWasm  # noqa: E402
 from bench.timing import bench_spec, measure, measure_async, report  # noqa: E402
 
 INPUT = b"hello, spear! " * 8
 WARMUP = 50
-
-
-class BareWasm:
-    """The floor: what any wasmtime embedder does per call."""
-
-    def __init__(self, module_bytes: bytes) -> None:
-        self.engine = wasmtime.Engine()
-        linker = wasmtime.Linker(self.engine)
-        linker.define_wasi()
-        self.pre = linker.instantiate_pre(wasmtime.Module(self.engine, module_bytes))
-
-    def run(self, data: bytes) -> bytes:
-        out: list[bytes] = []
-        with tempfile.NamedTemporaryFile(dir="/dev/shm") as stdin:
-            stdin.write(data)
-            stdin.flush()
-            wasi = wasmtime.WasiConfig()
-            wasi.stdin_file = stdin.name
-            wasi.stdout_custom = out.append
-            store = wasmtime.Store(self.engine)
-            store.set_wasi(wasi)
-            start = self.pre.instantiate(store).exports(store)["_start"]
-            assert isinstance(start, wasmtime.Func)
-            start(store)
-            store.close()
-        return b"".join(out)
 
 
 async def bench_wasm(name: str, module: bytes, calls: int, work: Path) -> None:

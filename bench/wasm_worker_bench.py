@@ -46,6 +46,7 @@ from spear.runtimes.wasm_engine import RawFunc
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.floors import BareWasm  # noqa: E402
 from bench.timing import bench_spec, measure, measure_async, report  # noqa: E402
 
 INPUT = b"hello, spear! " * 8
@@ -166,32 +167,6 @@ class BareReactor:
         return bytes(self.memory.read(self.store, out, out + (packed >> 32)))
 
 
-class BareCommand:
-    """The per-call floor: new Store + WasiConfig + instantiate + `_start`."""
-
-    def __init__(self, module: bytes) -> None:
-        self.engine = wasmtime.Engine()
-        linker = wasmtime.Linker(self.engine)
-        linker.define_wasi()
-        self.pre = linker.instantiate_pre(wasmtime.Module(self.engine, module))
-
-    def run(self, data: bytes) -> bytes:
-        out: list[bytes] = []
-        with tempfile.NamedTemporaryFile(dir="/dev/shm") as stdin:
-            stdin.write(data)
-            stdin.flush()
-            wasi = wasmtime.WasiConfig()
-            wasi.stdin_file = stdin.name
-            wasi.stdout_custom = out.append
-            store = wasmtime.Store(self.engine)
-            store.set_wasi(wasi)
-            start = self.pre.instantiate(store).exports(store)["_start"]
-            assert isinstance(start, wasmtime.Func)
-            start(store)
-            store.close()
-        return b"".join(out)
-
-
 class FramedCommand:
     """Variant 2: a WASI command held warm on a thread of its own, fed through a FIFO."""
 
@@ -308,7 +283,7 @@ async def bench_cold(runtime: WasmRuntime, calls: int, work: Path) -> None:
     path.write_bytes(module)
     fn = spec(path, module, "per-call")
     await runtime.prepare(fn)
-    bare = BareCommand(module)
+    bare = BareWasm(module)
     assert bare.run(INPUT) == (await runtime.run(fn, INPUT, deadline=math.inf)).output
 
     async def run() -> object:
