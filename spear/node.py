@@ -167,10 +167,12 @@ async def _serve_roles(
             "serving": leader.service is not None,
         }
 
+    def leads_now() -> bool:
+        return cluster is not None and cluster.replicator.leads_now()
+
     follower = ForwardingApp(locate_leader, node_id=node_id, client=upstream)
-    url: str = await nursery.start(
-        serve_gateway, RoleRouter(leader, follower, health), config.gateway
-    )
+    router = RoleRouter(leader, follower, health, leads_now)
+    url: str = await nursery.start(serve_gateway, router, config.gateway)
     mesh: ClusterHandle = await nursery.start(
         partial(
             serve_cluster,
@@ -222,8 +224,8 @@ async def _serve_roles(
             serve_leadership,
             replicator,
             leader,
-            make_service=lambda: service,
-            build_app=lambda _service: app,
+            service=service,
+            app=app,
             before_leading=before_leading,
         )
     )

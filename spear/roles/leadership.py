@@ -2,7 +2,7 @@
 
 `serve_leadership` watches the Raft driver. When this node becomes leader it first waits for
 a read barrier (its state machine then holds every committed write, so it never serves a
-stale view), then opens a cancel scope running a fresh TaskService (its async workers pick
+stale view), then opens a cancel scope running the TaskService's async workers (they pick
 up the accepted executions) and publishes the leader's gateway app. When leadership is lost,
 the scope is cancelled and the app withdrawn at once.
 
@@ -56,8 +56,8 @@ async def serve_leadership(
     replicator: Replicator,
     services: LeaderServices,
     *,
-    make_service: Callable[[], TaskService],
-    build_app: Callable[[TaskService], ASGIApp],
+    service: TaskService,
+    app: ASGIApp,
     before_leading: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -75,9 +75,7 @@ async def serve_leadership(
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_cancel_on_loss, replicator, soft.term, scope)
-                    nursery.start_soon(
-                        _lead, replicator, services, make_service, build_app, before_leading
-                    )
+                    nursery.start_soon(_lead, replicator, services, service, app, before_leading)
             finally:
                 services._publish(None, None, 0)
 
@@ -85,8 +83,8 @@ async def serve_leadership(
 async def _lead(
     replicator: Replicator,
     services: LeaderServices,
-    make_service: Callable[[], TaskService],
-    build_app: Callable[[TaskService], ASGIApp],
+    service: TaskService,
+    app: ASGIApp,
     before_leading: Callable[[], Awaitable[None]] | None,
 ) -> None:
     term = replicator.soft_state.term
@@ -97,10 +95,6 @@ async def _lead(
         return
     if before_leading is not None:
         await before_leading()
-    service = make_service()
-    # Building the web app takes a few hundred milliseconds of pure Python: on the event
-    # loop's thread that would stall this new leader's heartbeats into a needless election.
-    app = await trio.to_thread.run_sync(build_app, service)
     async with trio.open_nursery() as nursery:
         await nursery.start(service.serve_async_workers)
         services._publish(service, app, term)

@@ -281,3 +281,16 @@ def test_learners_and_non_members_never_campaign() -> None:
 def test_empty_ready_is_falsy() -> None:
     assert not Ready()
     assert Ready(failed_reads=("r",))
+
+
+def test_a_leader_cut_off_past_the_check_quorum_window_knows_before_its_tick() -> None:
+    cluster = Cluster(["a", "b", "c"], seed=4)
+    leader = cluster.elect(timeout=10 * SIM.election_timeout_max_s)
+    core = cluster.core(leader)
+    assert core.holds_quorum_contact(cluster.now)
+    # A pause (SIGSTOP, a long GC): no tick ran, no reply arrived, the window has passed.
+    late = cluster.now + SIM.election_timeout_min_s + 0.01
+    assert core.status()["role"] == "leader"
+    assert not core.holds_quorum_contact(late)
+    follower = next(n for n in ("a", "b", "c") if n != leader)
+    assert not cluster.core(follower).holds_quorum_contact(cluster.now)
