@@ -4,7 +4,8 @@
 
 Measured in one run, on loopback, in alternating rounds (medians reported), with the same
 keep-alive HTTP/1.1 client (a lean trio socket client that costs the same for every server):
-  - spear: `spear node` (a real process) invoking the demo upper-caser (WASM, per-call);
+  - spear: `spear node` (a real process) invoking the demo upper-caser (WASM, per-call), and
+    its worker-mode twin (a reactor module, tests/programs/reactor_upper.wat, kept warm);
   - floor "echo": a trivial hypercorn-trio endpoint that upper-cases its body;
   - floor "wasm": that endpoint running a bare wasmtime instantiate + WASI `_start` of the same
     module per request (the floor spear's figures are judged against);
@@ -38,6 +39,8 @@ sys.path.insert(0, str(REPO))
 from bench.floors import BareWasm  # noqa: E402
 
 BODY = b"hello from the spear benchmark"
+#: the WASM worker-mode twin of the demo: a reactor exporting spear_alloc / spear_handle
+REACTOR = REPO / "tests" / "programs" / "reactor_upper.wat"
 
 
 @dataclass
@@ -185,6 +188,7 @@ def main() -> None:
         "floor: hypercorn-trio echo": (ports["echo"], "/"),
         "floor: hypercorn-trio + wasmtime": (ports["wasm"], "/"),
         "spear: wasm per-call via gateway": (ports["spear"], "/api/v1/tasks/upper/invoke"),
+        "spear: wasm worker via gateway": (ports["spear"], "/api/v1/tasks/upper-w/invoke"),
     }
     runs: dict[tuple[str, int], list[Figures]] = {
         (name, c): [] for name in targets for c in (1, args.concurrency)
@@ -202,6 +206,10 @@ def main() -> None:
             f"{base}/api/v1/tasks", json={"name": "upper", "runtime": "wasm", "artifact": file_id}
         )
         resp.raise_for_status()
+        reactor = bytes(wasmtime.wat2wasm(REACTOR.read_text()))
+        reactor_id = httpx.post(f"{base}/api/v1/files", content=reactor).json()["file_id"]
+        worker = {"name": "upper-w", "runtime": "wasm", "mode": "worker", "artifact": reactor_id}
+        httpx.post(f"{base}/api/v1/tasks", json=worker).raise_for_status()
         expect = BODY.upper()
         for _ in range(args.rounds):
             for (name, clients), figures in runs.items():
@@ -227,16 +235,17 @@ def main() -> None:
         if index == 0:
             print(bare.row("bare wasmtime run (no HTTP)"))
     floor_seq, floor_conc = results["floor: hypercorn-trio + wasmtime"]
-    spear_seq, spear_conc = results["spear: wasm per-call via gateway"]
     print("\n== spear / floor (hypercorn-trio + wasmtime); targets: rps >= 0.8x, p50 <= 1.25x")
-    for label, s, f in (
-        ("sequential", spear_seq, floor_seq),
-        ("concurrent", spear_conc, floor_conc),
-    ):
-        print(
-            f"{label:<11} throughput {s.rps / f.rps:.2f}x   p50 {s.p50_ms / f.p50_ms:.2f}x"
-            f"   p99 {s.p99_ms / f.p99_ms:.2f}x"
-        )
+    for mode in ("per-call", "worker"):
+        spear_seq, spear_conc = results[f"spear: wasm {mode} via gateway"]
+        for label, s, f in (
+            ("sequential", spear_seq, floor_seq),
+            ("concurrent", spear_conc, floor_conc),
+        ):
+            print(
+                f"{mode:<8} {label:<11} throughput {s.rps / f.rps:.2f}x"
+                f"   p50 {s.p50_ms / f.p50_ms:.2f}x   p99 {s.p99_ms / f.p99_ms:.2f}x"
+            )
 
 
 if __name__ == "__main__":
