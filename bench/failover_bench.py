@@ -3,12 +3,15 @@
 Starts three `spear node` processes on loopback for each timing profile, then repeatedly:
 finds the leader, kills it with SIGKILL, and times how long until a task registration
 through a surviving node is acknowledged (201); the killed node is restarted and the
-cluster settles before the next round. Prints p50 / p99 per profile and their ratio to the
-profile's largest election timeout (the floor: no failover can be faster than the followers'
-election timeout, drawn from [min, max)).
+cluster settles before the next round. Then, as often, it kills a follower and times how
+long until every other member's own gossip view (`/health` members) counts it dead.
+Prints p50 / p99 per profile and their ratio to a floor: the profile's largest election
+timeout for failover (no failover is faster than the followers' election timeout, drawn
+from [min, max)), and suspicion mult x probe interval for detection (the shortest suspicion).
 
 Usage: .venv/bin/python bench/failover_bench.py [--rounds 10] [--profiles lan,lan-fast]
-Targets (issue: the mesh): lan p50 <= 1.5 s, p99 <= 2.5 s; lan-fast p50 <= 0.7 s.
+Targets (issue: the mesh): lan p50 <= 1.5 s, p99 <= 2.5 s; lan-fast p50 <= 0.7 s;
+crash -> dead at every member p50 <= 6 s (lan), <= 3 s (lan-fast).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from spear.mesh import RAFT_PROFILES, join_token, new_cluster_key  # noqa: E402
+from spear.mesh import RAFT_PROFILES, SWIM_PROFILES, join_token, new_cluster_key  # noqa: E402
 
 POLL_S = 0.01
 
@@ -102,13 +105,25 @@ def write_ok(client: httpx.Client, node: Node, name: str) -> bool:
     return r.status_code in (201, 409)
 
 
-def run_profile(profile: str, rounds: int, work: Path) -> list[float]:
+def all_see_dead(client: httpx.Client, survivors: list[Node]) -> bool:
+    """Every survivor's own gossip view counts a dead member."""
+    views = [health(client, n).get("members") for n in survivors]
+    return all(isinstance(v, dict) and v.get("dead", 0) >= 1 for v in views)
+
+
+def none_dead(client: httpx.Client, nodes: list[Node]) -> bool:
+    views = [health(client, n).get("members") for n in nodes]
+    return all(isinstance(v, dict) and v.get("dead", 0) == 0 for v in views)
+
+
+def run_profile(profile: str, rounds: int, work: Path) -> tuple[list[float], list[float]]:
     token = join_token(new_cluster_key())
     common = ["--join-token", token, "--bootstrap-expect", "3"]
     nodes = [Node(f"n{i}", work / profile / f"n{i}", list(common)) for i in (1, 2, 3)]
     for node in nodes[1:]:
         node.args += ["--join", nodes[0].listen]
     times: list[float] = []
+    detections: list[float] = []
     with httpx.Client() as client:
         try:
             for node in nodes:
@@ -126,10 +141,21 @@ def run_profile(profile: str, rounds: int, work: Path) -> list[float]:
                 times.append(time.monotonic() - started)
                 victim.start(profile)
                 wait_until(lambda: settled(client, nodes))
+            for _ in range(rounds):
+                wait_until(lambda: none_dead(client, nodes))
+                leader_id = health(client, nodes[0]).get("leader_id")
+                victim = next(n for n in nodes if n.node_id != leader_id)
+                survivors = [n for n in nodes if n is not victim]
+                victim.kill()
+                started = time.monotonic()
+                wait_until(partial(all_see_dead, client, survivors))
+                detections.append(time.monotonic() - started)
+                victim.start(profile)
+                wait_until(lambda: settled(client, nodes))
         finally:
             for node in nodes:
                 node.kill()
-    return times
+    return times, detections
 
 
 def main() -> None:
@@ -139,15 +165,27 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="spear-failover-") as tmp:
         for profile in args.profiles.split(","):
-            times = run_profile(profile, args.rounds, Path(tmp))
+            times, detections = run_profile(profile, args.rounds, Path(tmp))
             floor = RAFT_PROFILES[profile].election_timeout_max_s
-            p50 = statistics.median(times)
-            p99 = max(times) if len(times) < 100 else statistics.quantiles(times, n=100)[98]
+            p50, p99 = _p50_p99(times)
             print(
                 f"{profile:9s} kill -9 leader -> write accepted: p50 {p50:.3f} s"
                 f" (x{p50 / floor:.2f} of the {floor} s max election timeout),"
                 f" p99 {p99:.3f} s, over {len(times)} rounds"
             )
+            swim = SWIM_PROFILES[profile]
+            bound = swim.suspicion_mult * swim.probe_interval_s
+            p50, p99 = _p50_p99(detections)
+            print(
+                f"{profile:9s} kill -9 follower -> dead at every other member: p50 {p50:.3f} s"
+                f" (x{p50 / bound:.2f} of suspicion mult x probe interval, {bound} s),"
+                f" p99 {p99:.3f} s"
+            )
+
+
+def _p50_p99(values: list[float]) -> tuple[float, float]:
+    p99 = max(values) if len(values) < 100 else statistics.quantiles(values, n=100)[98]
+    return statistics.median(values), p99
 
 
 if __name__ == "__main__":

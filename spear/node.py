@@ -165,6 +165,8 @@ async def _serve_roles(
             "role": soft.role if soft else "starting",
             "leader_id": soft.leader_id if soft else None,
             "serving": leader.service is not None,
+            # this node's own gossip view (/api/v1/cluster shows the leader's)
+            "members": _count_states(cluster) if cluster else {},
         }
 
     def leads_now() -> bool:
@@ -237,6 +239,13 @@ async def _serve_roles(
         cluster=mesh,
         leader=leader,
     )
+
+
+def _count_states(cluster: ClusterHandle) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for member in cluster.gossip.members():
+        counts[member.state.value] = counts.get(member.state.value, 0) + 1
+    return counts
 
 
 @contextmanager

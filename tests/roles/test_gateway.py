@@ -28,6 +28,7 @@ async def test_health_and_cluster(api: httpx.AsyncClient, node: NodeHandle) -> N
         "role": "leader",
         "leader_id": node.node_id,
         "serving": True,
+        "members": {"alive": 1},
     }
     cluster = (await api.get("/api/v1/cluster")).json()
     assert cluster["leader_id"] == node.node_id
