@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+import trio
 
 from spear.config import ProcessConfig, WasmConfig
 from spear.model import FunctionSpec, TaskId
 from spear.runtimes import ProcessRuntime, WasmRuntime
 
 MiB = 1024 * 1024
+#: how long a killed process may take to disappear (a bound, not a sleep)
+GONE_WITHIN_S = 5.0
+
+
+async def wait_gone(pid: int) -> bool:
+    """True once `pid` is gone or a zombie (nobody may reap orphans here), within a bound."""
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        await trio.sleep(0.01)
+    return False
+
 
 SpecFactory = Callable[..., FunctionSpec]
 ArtifactFactory = Callable[[bytes], tuple[Path, str]]

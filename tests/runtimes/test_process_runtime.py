@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import trio
 import trio.testing
@@ -19,11 +18,10 @@ from spear.config import ProcessConfig
 from spear.errors import ArtifactError, ConfigError, ValidationError
 from spear.model import ErrorCode, ExecStatus, FunctionSpec
 from spear.runtimes import ProcessRuntime
-from tests.runtimes.conftest import ArtifactFactory, MiB, function_spec
+from tests.runtimes.conftest import GONE_WITHIN_S, ArtifactFactory, MiB, function_spec, wait_gone
 
 FOREVER = math.inf
 #: how long a SIGKILLed process may take to disappear from the process table
-GONE_WITHIN_S = 5.0
 
 
 def command_spec(*argv: str, **fields: Any) -> FunctionSpec:
@@ -32,19 +30,6 @@ def command_spec(*argv: str, **fields: Any) -> FunctionSpec:
 
 def sh(script: str, **fields: Any) -> FunctionSpec:
     return command_spec("/bin/sh", "-c", script, **fields)
-
-
-async def wait_gone(pid: int) -> bool:
-    """True once `pid` is gone or a zombie (nobody may reap orphans here), within a bound."""
-    deadline = time.monotonic() + GONE_WITHIN_S
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        await trio.sleep(0.01)
-    return False
 
 
 async def test_cat_echoes_stdin(process: ProcessRuntime) -> None:

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ from spear.runtimes import ProcessRuntime
 from spear.runtimes.base import PER_CALL, WORKER, check_mode
 from spear.runtimes.process_verdicts import FUNCTION_ERROR, WORKER_LOST
 from spear.runtimes.process_worker import ProcessInstance, WorkerSettings
-from tests.runtimes.conftest import MiB, function_spec
+from tests.runtimes.conftest import MiB, function_spec, wait_gone
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -32,7 +31,6 @@ FOREVER = math.inf
 #: bound on any single test step that waits for a real process
 STEP_S = 20.0
 #: how long a SIGKILLed process may take to disappear from the process table
-GONE_WITHIN_S = 5.0
 
 
 def worker_spec(*command: str, **fields: Any) -> FunctionSpec:
@@ -68,19 +66,6 @@ async def call(instance: ProcessInstance, data: bytes, deadline: float = FOREVER
 async def wait_exit(pid: int) -> None:
     """Block (in a thread) until child `pid` has exited, without reaping it."""
     await trio.to_thread.run_sync(os.waitid, os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-
-
-async def wait_gone(pid: int) -> bool:
-    """True once `pid` (not our child) is gone or a zombie, within a bound."""
-    deadline = time.monotonic() + GONE_WITHIN_S
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        await trio.sleep(0.01)
-    return False
 
 
 class CallHome:
