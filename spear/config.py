@@ -46,6 +46,12 @@ class NodeConfig(Section):
     labels: dict[str, str] = Field(default_factory=dict)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    report_interval_ms: int = Field(
+        default=1000, ge=50, le=60_000, description="resource report to the leader, every"
+    )
+    max_running: int = Field(
+        default=0, ge=0, le=100_000, description="executions run at once; 0 = 8 per CPU"
+    )
 
     @property
     def display_name(self) -> str:
@@ -199,6 +205,12 @@ class SmsConfig(Section):
     sync_record_bytes: int = Field(default=64 * MiB, ge=0, description="their output + logs")
     async_queue_limit: int = Field(default=10_000, ge=1, description="accepted, not yet run")
     async_workers: int = Field(default=4, ge=1, description="async executions run at once")
+    spearlet_lease_ms: int = Field(
+        default=4000,
+        ge=100,
+        le=600_000,
+        description="a Spearlet not heard from this long loses its dispatched work",
+    )
 
 
 class Config(Section):
