@@ -8,7 +8,8 @@ input through `ProcessInstance.invoke` to `python -m spear.worker` serving an ec
 (CBOR framing both ways, the host session, deadlines, log capture, the outcome). With
 --c-worker (tests/programs/worker.c built for the host), the C worker too, against the same
 floor. Per-call floor: a bare spawn of `cat` by trio (pipes, feed, read, wait); spear:
-`ProcessRuntime.run` of `cat` (rlimit wrapper, clean env, group kill, captures).
+`ProcessRuntime.run` of `cat` (rlimit wrapper, clean env, group kill, captures), and the
+same with a cgroup per call when this node can make them (root, a writable hierarchy).
 
 Floor and spear alternate in rounds (the machine is shared: drift hits both alike); medians
 and 99th percentiles in ms over all rounds; ratios are medians against the floor's. "host
@@ -34,6 +35,7 @@ import trio
 
 from spear.config import ProcessConfig
 from spear.runtimes import ProcessRuntime
+from spear.runtimes.cgroups import Cgroups, CgroupSettings
 from spear.runtimes.process_worker import ProcessInstance
 
 INPUT = b"hello, spear! " * 8
@@ -178,10 +180,28 @@ async def bench_per_call(calls: int, rounds: int, work: Path) -> None:
     async def whole() -> object:
         return await runtime.run(fn, INPUT, deadline=math.inf)
 
-    times = await alternate([("floor", bare), ("spear", whole)], calls, rounds)
+    pairs: list[tuple[str, Timed]] = [("floor", bare), ("spear", whole)]
+    cgroups = Cgroups(CgroupSettings())
+    if cgroups.active:
+        limited = ProcessRuntime(ProcessConfig(), work_dir=work / "cg", cgroups=CgroupSettings())
+
+        async def in_cgroup() -> object:
+            return await limited.run(fn, INPUT, deadline=math.inf)
+
+        pairs.append(("cgroup", in_cgroup))
+    try:
+        times = await alternate(pairs, calls, rounds)
+    finally:
+        await runtime.aclose()
+        if cgroups.active:
+            await limited.aclose()  # removes its spare cgroups
     print("process per-call, cat:")
     report("floor: bare spawn of cat (pipes, feed, read, wait)", times["floor"], None)
     report("spear await ProcessRuntime.run()", times["spear"], times["floor"])
+    if "cgroup" in times:
+        report("spear run() with a cgroup per call", times["cgroup"], times["floor"])
+    else:
+        print(f"  (no cgroup line: {cgroups.describe()})")
 
 
 async def main() -> None:

@@ -135,6 +135,13 @@ class ProcessConfig(Section):
     worker_cancel_grace_ms: int = Field(
         default=500, ge=0, description="a cancelled request's answer, before the worker is killed"
     )
+    cgroups: Literal["auto", "off"] = Field(
+        default="auto", description="a cgroup per instance when root and writable; off = rlimits"
+    )
+    cpus: float = Field(default=0.0, ge=0, le=1024, description="CPU quota per instance; 0 = none")
+    pids_limit: int = Field(
+        default=0, ge=0, le=1 << 22, description="processes per instance (cgroups); 0 = none"
+    )
 
 
 class DockerConfig(Section):

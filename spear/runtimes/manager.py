@@ -15,6 +15,7 @@ from spear.config import RuntimesConfig
 from spear.errors import SpearError, ValidationError
 from spear.model import RUNTIMES
 from spear.runtimes.base import Runtime
+from spear.runtimes.cgroups import CgroupSettings
 from spear.runtimes.docker import DockerRuntime
 from spear.runtimes.process import ProcessRuntime
 from spear.runtimes.process_worker import WorkerSettings
@@ -143,7 +144,14 @@ def _start_runtimes(
             cancel_grace_s=config.process.worker_cancel_grace_ms / 1000,
         )
         runtimes["process"] = ProcessRuntime(
-            config.process, work_dir=work_dir, worker_settings=settings
+            config.process,
+            work_dir=work_dir,
+            worker_settings=settings,
+            cgroups=CgroupSettings(
+                mode=config.process.cgroups,
+                cpus=config.process.cpus,
+                pids_limit=config.process.pids_limit,
+            ),
         )
     else:
         unavailable["process"] = "disabled (runtimes.process.enabled = false)"

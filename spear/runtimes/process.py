@@ -10,19 +10,25 @@ Limits and how they hold:
 - time: a trio deadline; at it the whole process group gets SIGKILL and is reaped. RLIMIT_CPU
   (soft = the timeout rounded up or `cpu_time_limit_s`, hard = soft + 1) is a backstop.
 - processes: each call is a new session and process group (`start_new_session`); when the
-  main process exits, times out, overflows or is cancelled, the group is killed. A process
-  that calls setsid() itself leaves the group and is not reached (cgroups would; later).
-- memory: RLIMIT_AS = memory_limit_bytes (address space, so runtimes that reserve large
-  virtual ranges, e.g. the JVM or Go, need a generous limit).
-- files: RLIMIT_NOFILE; RLIMIT_NPROC when `rlimit_nproc > 0` (not enforced for root).
+  main process exits, times out, overflows or is cancelled, the group is killed, and with
+  cgroups every member of the call's cgroup too (also what left the group with setsid()).
+- memory: with cgroups (spear.runtimes.cgroups: root and a writable hierarchy), the call's
+  cgroup limit = memory_limit_bytes, for all its processes together, and the kernel's OOM
+  kill is reported exactly; else RLIMIT_AS = memory_limit_bytes (address space, so runtimes
+  that reserve large virtual ranges, e.g. the JVM or Go, need a generous limit).
+- CPU share: with cgroups, a quota of `CgroupSettings.cpus` CPUs per call or worker.
+- files: RLIMIT_NOFILE; RLIMIT_NPROC when `rlimit_nproc > 0` (not enforced for root); with
+  cgroups, `pids.max` = `CgroupSettings.pids_limit` when > 0 (enforced for root too).
 - output: stdout is read incrementally; past `max_output_bytes` the group is killed at once.
 - environment: only `pass_env` names copied from the node's environment, plus the task's env.
 - network: with `isolate_network`, the call runs under `unshare -n` (an empty network
   namespace; needs root, checked at start).
 
-Rlimits are set by a `/bin/sh -c 'ulimit ...; exec "$0" "$@"'` wrapper (process_spawn says
-why). Mode `worker` starts the same command line, under the same limits except RLIMIT_CPU
-(only `cpu_time_limit_s`, as a worker's CPU time adds up), as a warm instance speaking
+Rlimits are set, and the cgroup joined, by a `/bin/sh -c 'echo $$ > .../cgroup.procs &&
+ulimit ...; exec "$0" "$@"'` wrapper (process_spawn says why). `describe()` says which limits
+apply (`limits`: the cgroup hierarchy, or "rlimits" and why). Mode `worker` starts the same
+command line, under the same limits except RLIMIT_CPU (only `cpu_time_limit_s`, as a
+worker's CPU time adds up), in a cgroup of its own, as a warm instance speaking
 spear.worker_protocol (see spear.runtimes.process_worker).
 """
 
@@ -45,6 +51,7 @@ from spear.config import ProcessConfig
 from spear.errors import ArtifactError, ConfigError, RuntimeFailure, ValidationError
 from spear.model import ErrorCode, ExecStatus, FunctionSpec, RunOutcome
 from spear.runtimes.base import PER_CALL, WORKER, Instance, check_mode, effective_timeout_s
+from spear.runtimes.cgroups import Cgroup, CgroupError, Cgroups, CgroupSettings
 from spear.runtimes.outcomes import (
     SUCCEEDED,
     LogCapture,
@@ -58,15 +65,17 @@ from spear.runtimes.outcomes import (
 from spear.runtimes.process_spawn import (
     MEMORY_MARKERS,
     SHELL,
+    Child,
     kill_group,
     limits_script,
     signal_name,
     spawn,
-    wait_exited,
 )
 from spear.runtimes.process_worker import ProcessInstance, WorkerSettings
 
 READ_CHUNK_BYTES: Final = 65536
+#: input up to this size is written at once, atomically (POSIX PIPE_BUF on Linux)
+PIPE_BUF_BYTES: Final = 4096
 #: after the main process exits and its group is killed, how long the pipes may take to close
 DRAIN_S: Final = 1.0
 
@@ -82,6 +91,7 @@ class ProcessRuntime:
         *,
         work_dir: Path,
         worker_settings: WorkerSettings | None = None,
+        cgroups: CgroupSettings | None = None,
     ) -> None:
         """Check the config and create the work directories.
 
@@ -91,6 +101,8 @@ class ProcessRuntime:
                 working directory (`scratch/`).
             worker_settings: start and cancel bounds of worker instances (mode `worker`);
                 None for the defaults.
+            cgroups: whether instances get cgroups (used when the node can; `describe()`
+                says which limits apply); None: rlimits only.
 
         Raises:
             ConfigError: `isolate_network` is set but this node cannot use `unshare -n`.
@@ -115,6 +127,7 @@ class ProcessRuntime:
         self._running = 0
         self._instances: set[ProcessInstance] = set()
         self._worker_settings = worker_settings or WorkerSettings()
+        self._cgroups = Cgroups(cgroups or CgroupSettings(mode="off"))
 
     # --- the Runtime protocol -----------------------------------------------------------
 
@@ -124,6 +137,8 @@ class ProcessRuntime:
             "version": f"{os.uname().sysname} {os.uname().release}",
             "modes": [PER_CALL, WORKER],
             "isolate_network": self._config.isolate_network,
+            "cgroup_version": self._cgroups.hierarchy and self._cgroups.hierarchy.version,
+            "limits": self._cgroups.describe(),
         }
 
     def validate_task(self, spec: FunctionSpec) -> None:
@@ -161,14 +176,19 @@ class ProcessRuntime:
         if timeout_s <= 0:
             return early_outcome(timed_out(max(timeout_s, 0.0)))
         try:
-            argv = await self._argv(spec, timeout_s)
+            target = await self._target(spec)
+            cgroup = self._new_cgroup(spec)
         except (ArtifactError, RuntimeFailure) as exc:
             return early_outcome(failed(ErrorCode.START_FAILED, str(exc)))
         self._running += 1
+        call = _Call(spec, timeout_s, started, cgroup)
         try:
-            return await self._run(_Call(spec, timeout_s, started), argv, data)
+            return await self._run(call, self._argv(spec, timeout_s, target, cgroup), data)
         finally:
             self._running -= 1
+            if cgroup is not None:
+                with trio.CancelScope(shield=True):
+                    await self._cgroups.release(cgroup)
 
     async def start_instance(self, spec: FunctionSpec) -> Instance:
         """Start a worker process of `spec` and wait for its hello.
@@ -181,29 +201,36 @@ class ProcessRuntime:
             RuntimeFailure: the executable cannot be staged or started, or the worker exited,
                 broke the protocol or sent no hello in time (the message says which).
         """
-        argv = await self._argv(spec, None)
+        target = await self._target(spec)
+        cgroup = self._new_cgroup(spec)
         env = {**self._base_env, **spec.env}
         instance = await ProcessInstance.start(
             spec,
-            argv,
+            self._argv(spec, None, target, cgroup),
             env=env,
             cwd=self._scratch,
             on_close=self._instances.discard,
             settings=self._worker_settings,
+            cgroup=cgroup,
         )
         self._instances.add(instance)
         return instance
 
     async def aclose(self) -> None:
-        """Close the worker instances still open (per-call runs reap their own processes)."""
+        """Close the worker instances still open (per-call runs reap their own processes)
+        and remove the spare cgroups."""
         for instance in list(self._instances):
             await instance.aclose()
+        with trio.CancelScope(shield=True):
+            await self._cgroups.aclose()
 
     def statistics(self) -> dict[str, Any]:
         return {
             "running": self._running,
             "staged_artifacts": len(self._staged),
             "worker_instances": len(self._instances),
+            "cgroups": self._cgroups.active,
+            "spare_cgroups": self._cgroups.spare,
         }
 
     # --- one call -----------------------------------------------------------------------
@@ -222,54 +249,76 @@ class ProcessRuntime:
                 call.stop(ErrorCode.TIMEOUT)
         finally:
             with trio.CancelScope(shield=True):
-                kill_group(proc.pid)
+                call.kill_all(proc.pid)
                 await proc.wait()
         return call.outcome(proc.returncode)
 
-    async def _supervise(self, call: _Call, proc: trio.Process, data: bytes) -> None:
+    async def _supervise(self, call: _Call, proc: Child, data: bytes) -> None:
         """Feed stdin and read stdout/stderr until the main process exits and pipes close."""
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
 
         def on_stdout(chunk: bytes) -> None:
             if not call.output.write(chunk):
                 call.stop(ErrorCode.OUTPUT_LIMIT)
-                kill_group(proc.pid)
+                call.kill_all(proc.pid)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed, proc.stdin, data)
-            pumps_done = trio.Event()
-            nursery.start_soon(
-                _pump_both, proc.stdout, on_stdout, proc.stderr, call.logs.write, pumps_done
-            )
-            await wait_exited(proc)
-            kill_group(proc.pid)  # stragglers (the leader is a zombie: its pgid is not reused)
-            with trio.move_on_after(DRAIN_S):
-                await pumps_done.wait()
+            if not _feed_now(proc.stdin, data):  # most inputs fit the pipe: no task needed
+                nursery.start_soon(_feed, proc.stdin, data)
+            pumps = _Pumps(2)
+            nursery.start_soon(_pump, proc.stdout, on_stdout, pumps)
+            nursery.start_soon(_pump, proc.stderr, call.logs.write, pumps)
+            await proc.wait_exited()
+            call.kill_all(proc.pid)  # stragglers (the leader is a zombie: its pgid is not reused)
+            if not pumps.done.is_set():
+                with trio.move_on_after(DRAIN_S):
+                    await pumps.done.wait()
             nursery.cancel_scope.cancel()
 
     # --- the command line ---------------------------------------------------------------
 
-    async def _argv(self, spec: FunctionSpec, timeout_s: float | None) -> list[str]:
+    async def _target(self, spec: FunctionSpec) -> list[str]:
+        """The function's own command line: the staged artifact or the resolved command."""
         if spec.artifact_sha256 is not None:
             if spec.artifact_sha256 not in self._staged:
                 await trio.to_thread.run_sync(self._stage, spec)
-            target = [str(self._artifacts / spec.artifact_sha256), *spec.command]
-        else:
-            exe = self._resolve(spec.command[0], spec)
-            if exe is None:
-                raise RuntimeFailure(
-                    f"command {spec.command[0]!r} is not an executable on this node's PATH"
-                )
-            target = [exe, *spec.command[1:]]
-        return [*self._prefix, SHELL, "-c", self._limits_script(spec, timeout_s), *target]
+            return [str(self._artifacts / spec.artifact_sha256), *spec.command]
+        exe = self._resolve(spec.command[0], spec)
+        if exe is None:
+            raise RuntimeFailure(
+                f"command {spec.command[0]!r} is not an executable on this node's PATH"
+            )
+        return [exe, *spec.command[1:]]
 
-    def _limits_script(self, spec: FunctionSpec, timeout_s: float | None) -> str:
-        """The rlimit wrapper; `timeout_s` None (a worker) sets RLIMIT_CPU only if configured."""
+    def _new_cgroup(self, spec: FunctionSpec) -> Cgroup | None:
+        """The instance's cgroup, or None under rlimits.
+
+        Raises:
+            RuntimeFailure: the cgroup could not be made.
+        """
+        if not self._cgroups.active:
+            return None
+        try:
+            return self._cgroups.new(spec.memory_limit_bytes)
+        except CgroupError as exc:
+            raise RuntimeFailure(str(exc)) from exc
+
+    def _argv(
+        self, spec: FunctionSpec, timeout_s: float | None, target: list[str], cgroup: Cgroup | None
+    ) -> list[str]:
+        """The wrapper's command line; `timeout_s` None (a worker) sets RLIMIT_CPU only if
+        configured; with a cgroup, the wrapper joins it and memory is not an rlimit."""
         if self._config.cpu_time_limit_s:
             cpu_s: int | None = self._config.cpu_time_limit_s
         else:
             cpu_s = None if timeout_s is None else max(1, math.ceil(timeout_s))
-        return limits_script(self._config, memory_limit_bytes=spec.memory_limit_bytes, cpu_s=cpu_s)
+        script = limits_script(
+            self._config,
+            memory_limit_bytes=spec.memory_limit_bytes if cgroup is None else None,
+            cpu_s=cpu_s,
+            join="" if cgroup is None else cgroup.join_script(),
+        )
+        return [*self._prefix, SHELL, "-c", script, *target]
 
     def _resolve(self, command: str, spec: FunctionSpec) -> str | None:
         """The executable `command` names on the call's PATH (cached: a lookup costs
@@ -305,10 +354,24 @@ class ProcessRuntime:
 class _Call:
     """One call's captures, stop reason and timings."""
 
-    __slots__ = ("logs", "output", "spawned", "spec", "started", "stop_reason", "timeout_s")
+    __slots__ = (
+        "cgroup",
+        "logs",
+        "oom_kills",
+        "output",
+        "spawned",
+        "spec",
+        "started",
+        "stop_reason",
+        "timeout_s",
+    )
 
-    def __init__(self, spec: FunctionSpec, timeout_s: float, started: float) -> None:
+    def __init__(
+        self, spec: FunctionSpec, timeout_s: float, started: float, cgroup: Cgroup | None
+    ) -> None:
         self.spec = spec
+        self.cgroup = cgroup
+        self.oom_kills = 0
         self.timeout_s = timeout_s
         self.started = started
         self.spawned = started
@@ -320,7 +383,15 @@ class _Call:
         if self.stop_reason is None:
             self.stop_reason = reason
 
+    def kill_all(self, pgid: int) -> None:
+        """Kill the call's process group and, with a cgroup, every member of it."""
+        kill_group(pgid)
+        if self.cgroup is not None:
+            self.cgroup.kill()
+
     def outcome(self, returncode: int | None) -> RunOutcome:
+        if self.cgroup is not None:
+            self.oom_kills = self.cgroup.oom_kills()
         done = time.perf_counter()
         return self._verdict(returncode).outcome(
             self.output,
@@ -341,7 +412,13 @@ class _Call:
             message = "the function used up its CPU time limit (RLIMIT_CPU) and was killed"
             return Verdict(ExecStatus.TIMEOUT, ErrorCode.TIMEOUT, message, code)
         how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with code {code}"
-        if self.logs.contains(MEMORY_MARKERS):
+        if self.oom_kills:
+            message = (
+                f"the function {how}: its cgroup passed memory_limit_bytes"
+                f" ({self.spec.memory_limit_bytes}) and the kernel's OOM killer stopped it"
+            )
+            return failed(ErrorCode.MEMORY_LIMIT, message, code)
+        if self.cgroup is None and self.logs.contains(MEMORY_MARKERS):
             message = (
                 f"the function {how} after an allocation failed under its memory_limit_bytes"
                 f" ({self.spec.memory_limit_bytes}, enforced as RLIMIT_AS)"
@@ -353,6 +430,22 @@ class _Call:
 # --- the pipes of one call ----------------------------------------------------------------
 
 
+def _feed_now(stream: trio.lowlevel.FdStream, data: bytes) -> bool:
+    """Write `data` and close `stream` if the pipe takes it all at once; False (nothing or
+    part written, `data` not consumed) if a task must feed it."""
+    if len(data) > PIPE_BUF_BYTES:
+        return False
+    try:
+        if data:
+            os.write(stream.fileno(), data)  # atomic up to PIPE_BUF: all or nothing
+    except BlockingIOError:
+        return False
+    except BrokenPipeError:
+        pass  # the function exited without reading its input
+    stream.close()
+    return True
+
+
 async def _feed(stream: trio.abc.SendStream, data: bytes) -> None:
     with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         async with stream:
@@ -360,21 +453,28 @@ async def _feed(stream: trio.abc.SendStream, data: bytes) -> None:
                 await stream.send_all(data)
 
 
-async def _pump_both(
-    out: trio.abc.ReceiveStream,
-    on_out: Callable[[bytes], None],
-    err: trio.abc.ReceiveStream,
-    on_err: Callable[[bytes], None],
-    done: trio.Event,
+class _Pumps:
+    """Counts the output pipes still open; `done` is set once all reached end of file."""
+
+    __slots__ = ("done", "open")
+
+    def __init__(self, count: int) -> None:
+        self.open = count
+        self.done = trio.Event()
+
+    def closed(self) -> None:
+        self.open -= 1
+        if not self.open:
+            self.done.set()
+
+
+async def _pump(
+    stream: trio.abc.ReceiveStream, sink: Callable[[bytes], None], pumps: _Pumps
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_pump, out, on_out)
-        nursery.start_soon(_pump, err, on_err)
-    done.set()
-
-
-async def _pump(stream: trio.abc.ReceiveStream, sink: Callable[[bytes], None]) -> None:
-    with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        async with stream:
-            while chunk := await stream.receive_some(READ_CHUNK_BYTES):
-                sink(bytes(chunk))
+    try:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async with stream:
+                while chunk := await stream.receive_some(READ_CHUNK_BYTES):
+                    sink(bytes(chunk))
+    finally:
+        pumps.closed()

@@ -3,22 +3,60 @@
 One epoll set watches the worker's stdout and stderr, its pidfd (readable once the main
 process exits) and, while frames wait to be written, its stdin. trio waits on the epoll
 descriptor itself, so a single task moves bytes both ways with no helper tasks: whichever
-caller holds the pump role (see process_worker) calls `wait()`, then `ready()` and the
-non-blocking `flush()`, `read_stdout()` and `read_stderr()`. Writing never blocks: a frame
-the pipe cannot take yet stays queued (a worker busy writing a large answer is still read
-meanwhile, so the two sides cannot deadlock on full pipes)."""
+caller holds the pump role (see process_worker) calls `wait()`, then the non-blocking
+`flush()`, `read_stdout()` and `read_stderr()` (and `exited()` when nothing was read).
+Writing never blocks: a frame the pipe cannot take yet stays queued (a worker busy writing a
+large answer is still read meanwhile, so the two sides cannot deadlock on full pipes).
+
+Deadlines without a cancel scope per request: entering and leaving a trio cancel scope cost
+about 12 us on the development VM, as much as the rest of a warm round trip. So the epoll set
+also holds a timerfd (CLOCK_MONOTONIC, the clock of trio's SystemClock), armed at the earliest
+deadline in flight: the pump wakes at it like at any other event. Where no timerfd can be
+made (`has_timer` False) or trio runs on another clock (a test's MockClock), callers keep
+using cancel scopes."""
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
 import select
+import time
 from collections import deque
-from contextlib import suppress
 from typing import Final
 
 import trio
 
 READ_CHUNK_BYTES: Final = 256 * 1024
+_CLOCK_MONOTONIC: Final = 1
+_TFD_NONBLOCK_CLOEXEC: Final = os.O_NONBLOCK | os.O_CLOEXEC
+_TFD_TIMER_ABSTIME: Final = 1
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = (("it_interval", _Timespec), ("it_value", _Timespec))
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.timerfd_create.argtypes = (ctypes.c_int, ctypes.c_int)
+        libc.timerfd_settime.argtypes = (
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.POINTER(_Itimerspec),
+            ctypes.c_void_p,
+        )
+    except (OSError, AttributeError):  # pragma: no cover - not glibc/musl on Linux
+        return None
+    return libc
+
+
+_LIBC: Final = _load_libc()
 
 
 class WorkerPipes:
@@ -44,6 +82,41 @@ class WorkerPipes:
         self._outbox: deque[memoryview] = deque()
         self._watching_stdin = False
         self._closed = False
+        self._timer = (
+            -1 if _LIBC is None else _LIBC.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK_CLOEXEC)
+        )
+        self._armed = math.inf
+        self._timespec = _Itimerspec()
+        if self._timer >= 0:
+            self._epoll.register(self._timer, select.EPOLLIN)
+
+    @property
+    def has_timer(self) -> bool:
+        """Whether `arm` works (a timerfd could be made)."""
+        return self._timer >= 0
+
+    def arm(self, at: float) -> None:
+        """Make `wait()` return by `at` (CLOCK_MONOTONIC seconds, as `time.perf_counter()`)
+        unless the timer is armed earlier already; `disarm_fired` re-arms it after it fires."""
+        if at >= self._armed or self._timer < 0:
+            return
+        self._armed = at
+        seconds = max(at, 1e-9)  # 0 would disarm the timer
+        value = self._timespec.it_value
+        value.tv_sec = int(seconds)
+        value.tv_nsec = int((seconds - int(seconds)) * 1e9)
+        _LIBC.timerfd_settime(self._timer, _TFD_TIMER_ABSTIME, self._timespec, None)  # type: ignore[union-attr]
+
+    def disarm_fired(self) -> bool:
+        """Whether the timer fired since it was armed (it is then unarmed)."""
+        if self._timer < 0 or time.perf_counter() < self._armed:
+            return False  # not armed, or not due yet: no read needed
+        try:
+            os.read(self._timer, 8)
+        except BlockingIOError:
+            return False
+        self._armed = math.inf
+        return True
 
     def child_fds(self) -> tuple[int, int, int]:
         """The child's stdin, stdout and stderr ends (closed here by `attach`)."""
@@ -61,15 +134,6 @@ class WorkerPipes:
         self._epoll.register(self._pidfd, select.EPOLLIN)
         self._exit_poll.register(self._pidfd, select.POLLIN)
 
-    def ready(self) -> tuple[bool, bool, bool]:
-        """After `wait()`: whether (stdout, stderr, the exit) are ready now, in one syscall."""
-        out = err = exited = False
-        for fd, _events in self._epoll.poll(0):
-            out |= fd == self._stdout
-            err |= fd == self._stderr
-            exited |= fd == self._pidfd
-        return out, err, exited
-
     async def wait(self) -> None:
         """Wait until something may be read, the process exited, or stdin takes bytes.
 
@@ -78,9 +142,10 @@ class WorkerPipes:
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
-        # closed while waiting: return, the caller sees that the instance is gone
-        with suppress(trio.ClosedResourceError):
-            await trio.lowlevel.wait_readable(self._epoll.fileno())
+        try:
+            await trio.lowlevel.wait_readable(self._epoll)
+        except trio.ClosedResourceError:  # not suppress(): a context manager per wait costs
+            return  # closed while waiting: the caller sees that the instance is gone
 
     def send(self, frame: bytes) -> None:
         """Queue `frame` and write what the pipe takes now.
@@ -147,7 +212,7 @@ class WorkerPipes:
         self._closed = True
         trio.lowlevel.notify_closing(self._epoll.fileno())
         self._epoll.close()
-        for fd in (self._stdin, self._stdout, self._stderr, self._pidfd, *self._child):
+        for fd in (self._stdin, self._stdout, self._stderr, self._pidfd, self._timer, *self._child):
             if fd >= 0:
                 os.close(fd)
         self._outbox.clear()

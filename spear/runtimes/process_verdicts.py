@@ -38,9 +38,21 @@ def stopped_for_another() -> Verdict:
     return failed(WORKER_LOST, message)
 
 
-def crashed(code: int, logs: LogCapture, memory_limit_bytes: int) -> Verdict:
-    """A request in flight when the worker exited with `code`; `logs` are the request's."""
-    if logs.contains(MEMORY_MARKERS):
+def crashed(
+    code: int, logs: LogCapture, memory_limit_bytes: int, *, oom_killed: bool | None = None
+) -> Verdict:
+    """A request in flight when the worker exited with `code`; `logs` are the request's.
+
+    `oom_killed`: whether the kernel's OOM killer acted in the worker's cgroup; None under
+    rlimits, where an allocation failure in the logs tells a memory limit instead.
+    """
+    if oom_killed:
+        message = (
+            f"the worker {how(code)}: its cgroup passed memory_limit_bytes"
+            f" ({memory_limit_bytes}) and the kernel's OOM killer stopped it"
+        )
+        return failed(ErrorCode.MEMORY_LIMIT, message, code)
+    if oom_killed is None and logs.contains(MEMORY_MARKERS):
         message = (
             f"the worker {how(code)} after an allocation failed under its memory_limit_bytes"
             f" ({memory_limit_bytes}, enforced as RLIMIT_AS)"
@@ -57,9 +69,12 @@ def answered(
         code = WORKER_ERROR_CODES.get(response.error_code, FUNCTION_ERROR)
         message = f"the function failed ({response.error_code}): {response.error_message}"
         return outcome(failed(code, message), logs, started, sent)
+    if len(response.data) <= max_output_bytes:
+        return outcome(SUCCEEDED, logs, started, sent, response.data, response.content_type)
     output = OutputCapture(max_output_bytes)
-    verdict = SUCCEEDED if output.write(response.data) else output_overflowed(max_output_bytes)
-    return outcome(verdict, logs, started, sent, output, response.content_type)
+    output.write(response.data)  # keeps exactly the first max_output_bytes bytes
+    verdict = output_overflowed(max_output_bytes)
+    return outcome(verdict, logs, started, sent, output.getvalue(), response.content_type)
 
 
 def outcome(
@@ -67,7 +82,7 @@ def outcome(
     logs: LogCapture,
     started: float,
     sent: float,
-    output: OutputCapture | None = None,
+    output: bytes = b"",
     content_type: str = DEFAULT_CONTENT_TYPE,
 ) -> RunOutcome:
     """A warm (`cold` False) outcome; `started` and `sent` are `time.perf_counter()` values
@@ -75,7 +90,7 @@ def outcome(
     done = time.perf_counter()
     return RunOutcome(
         status=verdict.status,
-        output=b"" if output is None else output.getvalue(),
+        output=output,
         logs=logs.getvalue(),
         content_type=content_type,
         error_code=verdict.error_code,

@@ -11,7 +11,8 @@ request in flight fails):
 - a request reaches its deadline (that request's outcome is `timeout`; the worker cannot be
   asked to give one request up reliably, so the process goes);
 - the worker exits or closes its pipes (a crash: the requests in flight fail with the exit
-  status; `memory_limit` if their logs show an allocation failure under RLIMIT_AS);
+  status; `memory_limit` if the kernel's OOM killer acted in the instance's cgroup, or, under
+  rlimits, if their logs show an allocation failure under RLIMIT_AS);
 - the worker breaks the protocol (a bad or oversized frame, an unknown id); an oversized
   frame while one request is in flight is that request's `output_limit`;
 - a cancelled request is not answered within `WorkerSettings.cancel_grace_s` (the cancelled
@@ -38,9 +39,10 @@ from spear.errors import FrameTooLargeError, RuntimeFailure, WireError
 from spear.model import FunctionSpec, RunOutcome
 from spear.runtimes import process_verdicts as verdicts
 from spear.runtimes.base import effective_timeout_s
+from spear.runtimes.cgroups import Cgroup
 from spear.runtimes.outcomes import LogCapture, Verdict, output_overflowed, timed_out
-from spear.runtimes.process_pipes import WorkerPipes
-from spear.runtimes.process_spawn import exit_status, kill_group, spawn
+from spear.runtimes.process_pipes import READ_CHUNK_BYTES, WorkerPipes
+from spear.runtimes.process_spawn import Child, exit_status, kill_group, spawn
 from spear.worker_protocol import (
     DEFAULT_CONTENT_TYPE,
     Completed,
@@ -72,18 +74,20 @@ class WorkerSettings:
 class _Waiter:
     """One request in flight: its logs, then its answer or the verdict that replaced it."""
 
-    __slots__ = ("done", "logs", "response", "verdict", "wake")
+    __slots__ = ("done", "logs", "response", "timeout_s", "verdict", "wake")
 
-    def __init__(self, max_log_bytes: int) -> None:
+    def __init__(self, max_log_bytes: int, timeout_s: float = 0.0) -> None:
+        self.timeout_s = timeout_s
         self.logs = LogCapture(max_log_bytes)
         self.response: Response | None = None
         self.verdict: Verdict | None = None
         self.done = False
-        self.wake = trio.Event()
+        self.wake: trio.Event | None = None  # made when the waiter waits without the pump
 
     def finish(self, response: Response | None = None, verdict: Verdict | None = None) -> None:
         self.response, self.verdict, self.done = response, verdict, True
-        self.wake.set()
+        if self.wake is not None:
+            self.wake.set()
 
 
 class ProcessInstance:
@@ -92,13 +96,15 @@ class ProcessInstance:
     def __init__(
         self,
         spec: FunctionSpec,
-        proc: trio.Process,
+        proc: Child,
         pipes: WorkerPipes,
         *,
         on_close: Callable[[ProcessInstance], None],
         cancel_grace_s: float,
+        cgroup: Cgroup | None = None,
     ) -> None:
         self._spec = spec
+        self._cgroup = cgroup
         self._cancel_grace_s = cancel_grace_s
         self._proc = proc
         self._pipes = pipes
@@ -110,6 +116,9 @@ class ProcessInstance:
         self._tail = bytearray()
         self._dead: str | None = None
         self._closed = False
+        # trio time minus CLOCK_MONOTONIC when deadlines can go to the pipes' timer (trio's
+        # SystemClock); None under another clock (a test's MockClock): cancel scopes then
+        self._clock_offset = _system_clock_offset() if pipes.has_timer else None
 
     @classmethod
     async def start(
@@ -121,8 +130,12 @@ class ProcessInstance:
         cwd: Path,
         on_close: Callable[[ProcessInstance], None],
         settings: WorkerSettings,
+        cgroup: Cgroup | None = None,
     ) -> ProcessInstance:
         """Spawn the worker and wait for its hello frame (see WorkerSettings).
+
+        `cgroup` (which `argv` joins) becomes the instance's: killed with it, removed by
+        `aclose`, also when the start fails.
 
         Raises:
             RuntimeFailure: the process could not start, exited, broke the protocol or said
@@ -132,14 +145,23 @@ class ProcessInstance:
         stdin, stdout, stderr = pipes.child_fds()
         try:
             proc = await spawn(argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr)
-        except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in argv or env
+        except BaseException as exc:
             pipes.close()
-            raise RuntimeFailure(f"cannot start the worker: {exc}") from exc
-        except BaseException:
-            pipes.close()
+            if cgroup is not None:
+                with trio.CancelScope(shield=True):
+                    await cgroup.remove()
+            if isinstance(exc, (OSError, ValueError)):  # ValueError: a NUL byte in argv or env
+                raise RuntimeFailure(f"cannot start the worker: {exc}") from exc
             raise
         pipes.attach(proc.pid)
-        instance = cls(spec, proc, pipes, on_close=on_close, cancel_grace_s=settings.cancel_grace_s)
+        instance = cls(
+            spec,
+            proc,
+            pipes,
+            on_close=on_close,
+            cancel_grace_s=settings.cancel_grace_s,
+            cgroup=cgroup,
+        )
         try:
             await instance._await_hello(max(settings.start_timeout_s, spec.timeout_s))
         except BaseException:
@@ -195,14 +217,18 @@ class ProcessInstance:
             deadline=due,
             now=trio.current_time(),
         )
-        waiter = self._waiters[id_] = _Waiter(self._spec.max_log_bytes)
+        waiter = self._waiters[id_] = _Waiter(self._spec.max_log_bytes, timeout_s)
         sent = time.perf_counter()
         try:
             self._send(frame)
-            with trio.move_on_at(due):
+            if self._clock_offset is not None:  # the pump enforces the deadline (_expire)
+                self._pipes.arm(due - self._clock_offset)
                 await self._until_done(waiter)
-            if not waiter.done:
-                self._die("a request passed its deadline", self._timeout_verdicts(id_, timeout_s))
+            else:
+                with trio.move_on_at(due):
+                    await self._until_done(waiter)
+                if not waiter.done:
+                    self._die("a request passed its deadline", self._timeout_verdicts({id_}))
         except trio.Cancelled:
             await self._abandon(id_, waiter)
             raise
@@ -218,8 +244,11 @@ class ProcessInstance:
             return
         self._closed = True
         self._die("the instance was closed", self._closed_verdict)
-        with trio.CancelScope(shield=True), trio.move_on_after(REAP_TIMEOUT_S):
-            await self._proc.wait()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(REAP_TIMEOUT_S):
+                await self._proc.wait()
+            if self._cgroup is not None:
+                await self._cgroup.remove()
         self._pipes.close()
         self._on_close(self)
 
@@ -238,8 +267,8 @@ class ProcessInstance:
         does."""
         while not waiter.done:
             if self._pumping:
-                waiter.wake = trio.Event()
-                await waiter.wake.wait()
+                wake = waiter.wake = trio.Event()
+                await wake.wait()
                 continue
             self._pumping = True
             try:
@@ -253,30 +282,49 @@ class ProcessInstance:
     def _pass_pump(self) -> None:
         for other in self._waiters.values():
             if not other.done:
-                other.wake.set()
+                if other.wake is not None:
+                    other.wake.set()
                 return
 
     def _pump(self) -> None:
-        """Move whatever is ready: queued frames out; answers and logs in; notice an exit."""
+        """Move whatever is ready: queued frames out; answers and logs in; notice an exit
+        and, on the timer path, a request past its deadline."""
         if self._dead is not None:  # the pipes may be closed already
             return
-        out, err, exited = self._pipes.ready()
+        broken = False
         try:
             self._pipes.flush()
         except BrokenPipeError:
-            exited = True
-        if err:
-            self._take_logs(self._pipes.read_stderr())
-        chunk: bytes | None = b""
-        while (out or exited) and (chunk := self._pipes.read_stdout()):
-            if not self._receive(chunk):
-                return
-            out = False  # level-triggered: what is left wakes the next wait
-        # stdout closes a moment before the exit can be seen: wait for the exit to report it
-        if exited or (chunk is None and not self._pipes.watches_exit):
+            broken = True
+        chunk = self._pipes.read_stdout()
+        # stderr after stdout: a worker writes a request's logs before its answer, so every
+        # log line of the answers in `chunk` is there by now
+        logs = self._pipes.read_stderr()
+        while len(logs) == READ_CHUNK_BYTES:
+            logs += self._pipes.read_stderr()
+        self._take_logs(logs)
+        if chunk and not self._receive(chunk):
+            return
+        if self._pipes.disarm_fired():
+            self._expire()
+        # level-triggered: bytes still unread wake the next wait; an exit is looked for
+        # only when nothing came (stdout may close a moment before the exit can be seen)
+        if broken or (not chunk and not logs and self._dead is None and self._pipes.exited()):
             while logs := self._pipes.read_stderr():
                 self._take_logs(logs)
             self._lost()
+        elif chunk is None and not self._pipes.watches_exit:
+            self._lost()
+
+    def _expire(self) -> None:
+        """The timer fired: stop the worker if a request is past its deadline, else re-arm."""
+        if self._dead is not None or self._clock_offset is None:
+            return
+        late = self._session.expired(trio.current_time())
+        if late:
+            self._die("a request passed its deadline", self._timeout_verdicts(set(late)))
+        elif self._session.in_flight:
+            self._pipes.arm(self._session.next_deadline - self._clock_offset)
 
     def _receive(self, chunk: bytes) -> bool:
         """Handle bytes from stdout; False if they broke the protocol (the worker is gone)."""
@@ -294,15 +342,15 @@ class ProcessInstance:
 
     def _handle_completed(self, event: Event) -> None:
         assert isinstance(event, Completed)
-        # The worker writes a request's logs before its answer: take them first.
-        self._take_logs(self._pipes.read_stderr())
         self._waiters[event.response.id].finish(response=event.response)
-        self._slots.unpark()
+        if self._slots:
+            self._slots.unpark()
 
     def _handle_discarded(self, event: Event) -> None:
         assert isinstance(event, Discarded)
         self._waiters[event.id].finish()
-        self._slots.unpark()
+        if self._slots:
+            self._slots.unpark()
 
     _HANDLERS: Final[dict[type, Callable[[ProcessInstance, Event], None]]] = {
         Ready: _handle_ready,
@@ -368,6 +416,8 @@ class ProcessInstance:
             return
         self._dead = reason
         kill_group(self._proc.pid)
+        if self._cgroup is not None:
+            self._cgroup.kill()
         for id_ in self._session.close():
             waiter = self._waiters.get(id_)
             if waiter is not None and not waiter.done:
@@ -402,11 +452,15 @@ class ProcessInstance:
 
     def _crash_verdict(self, code: int) -> Callable[[int, _Waiter], Verdict]:
         limit = self._spec.memory_limit_bytes
-        return lambda _id, waiter: verdicts.crashed(code, waiter.logs, limit)
+        cgroup = self._cgroup
+        oom = None if cgroup is None else cgroup.oom_kills() > 0
+        return lambda _id, waiter: verdicts.crashed(code, waiter.logs, limit, oom_killed=oom)
 
-    def _timeout_verdicts(self, late: int, timeout_s: float) -> Callable[[int, _Waiter], Verdict]:
-        def verdict(id_: int, _waiter: _Waiter) -> Verdict:
-            return timed_out(timeout_s) if id_ == late else verdicts.stopped_for_another()
+    def _timeout_verdicts(self, late: set[int]) -> Callable[[int, _Waiter], Verdict]:
+        def verdict(id_: int, waiter: _Waiter) -> Verdict:
+            if id_ in late:
+                return timed_out(waiter.timeout_s)
+            return verdicts.stopped_for_another()
 
         return verdict
 
@@ -416,3 +470,13 @@ class ProcessInstance:
             return verdicts.outcome(waiter.verdict, waiter.logs, started, sent)
         limit = self._spec.max_output_bytes
         return verdicts.answered(waiter.response, waiter.logs, limit, started, sent)
+
+
+def _system_clock_offset() -> float | None:
+    """trio's time minus `time.perf_counter()` (CLOCK_MONOTONIC on Linux) when trio runs on
+    its SystemClock, which adds a fixed offset to it; None under any other clock."""
+    clock = trio.lowlevel.current_clock()
+    offset = getattr(clock, "offset", None)
+    if type(clock).__name__ != "SystemClock" or not isinstance(offset, float):
+        return None
+    return offset

@@ -21,7 +21,7 @@ from spear.worker_protocol import (
     encode,
 )
 
-READ_CHUNK_BYTES = 1024 * 1024
+READ_CHUNK_BYTES = 64 * 1024
 
 
 class Channel:

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define MAX_FRAME (64u * 1024u * 1024u)
@@ -81,7 +82,16 @@ static void put_text(out_t *out, const char *text) {
 static void send_frame(out_t *out) {
     uint8_t prefix[4] = {(uint8_t)(out->len >> 24), (uint8_t)(out->len >> 16),
                          (uint8_t)(out->len >> 8), (uint8_t)out->len};
-    if (write_full(prefix, 4) || write_full(out->bytes, out->len)) exit(0); /* host gone */
+    /* prefix and body in one writev: the host wakes once per answer */
+    struct iovec parts[2] = {{prefix, 4}, {out->bytes, out->len}};
+    ssize_t sent = writev(1, parts, 2);
+    if (sent < 0) exit(0); /* host gone */
+    if ((size_t)sent < 4) {
+        if (write_full(prefix + sent, 4 - (size_t)sent) || write_full(out->bytes, out->len)) exit(0);
+    } else if ((size_t)sent < 4 + out->len) {
+        size_t done = (size_t)sent - 4;
+        if (write_full(out->bytes + done, out->len - done)) exit(0);
+    }
     out->len = 0;
 }
 
