@@ -145,6 +145,22 @@ class SpearClient:
     def cluster(self) -> Doc:
         return self._json("GET", f"{API}/cluster")
 
+    def list_nodes(self) -> list[Doc]:
+        """Every member with its status, draining flag and last resource report."""
+        return _items(self._json("GET", f"{API}/nodes"), "nodes")
+
+    def get_node(self, node: str) -> Doc:
+        """One node, by id or name."""
+        return self._json("GET", f"{API}/nodes/{_seg(node)}")
+
+    def resources(self) -> Doc:
+        """Each node's resources and pool capacity, and the cluster's totals."""
+        return self._json("GET", f"{API}/resources")
+
+    def drain_node(self, node: str, *, enable: bool = True) -> Doc:
+        """Drain a node (no new work for it; its running work finishes), or undo it."""
+        return self._json("POST", f"{API}/nodes/{_seg(node)}/drain", json={"enable": enable})
+
     # --- files ----------------------------------------------------------------------------
 
     def upload_file(self, data: bytes | IO[bytes], *, name: str | None = None) -> Doc:

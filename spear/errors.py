@@ -9,7 +9,7 @@ or a guest breaking a contract), and "we closed it" from "it broke":
     ├── NotFoundError          the named task, file or execution does not exist, HTTP 404
     ├── ConflictError          the name is taken / the state forbids it, HTTP 409
     ├── UnavailableError       the service cannot take the request now, HTTP 503 (+ Retry-After)
-    │   └── SaturatedError     every instance of a task is busy past the acquire deadline, 429
+    │   └── SaturatedError     a task's instances or every fitting node are full, HTTP 429
     ├── StoreError             the embedded store failed (I/O, corruption), HTTP 500 never leaks
     │   └── StoreClosedError   used after close (our own misuse)
     ├── WireError              a frame could not be encoded or decoded (peer misbehaviour)
@@ -76,10 +76,12 @@ class UnavailableError(SpearError):
 
 
 class SaturatedError(UnavailableError):
-    """A task's instances are all busy and none freed up within its acquire deadline.
+    """A task's instances are all busy and none freed up within its acquire deadline, or every
+    node that fits an invocation is full (its `node.max_running` executions are running).
 
-    HTTP 429 with Retry-After: the platform works, this task is at its configured capacity
-    (`pool.max_instances` x `pool.max_concurrency`, `pool.max_waiters` callers queued).
+    HTTP 429 with Retry-After: the platform works, it is at its configured capacity
+    (`pool.max_instances` x `pool.max_concurrency`, `pool.max_waiters` callers queued; the
+    nodes' slots).
     """
 
     code = "saturated"

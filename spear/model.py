@@ -75,6 +75,7 @@ class ErrorCode(enum.StrEnum):
     NODE_LOST = "node_lost"
     FUNCTION_ERROR = "function_error"  # a worker answered with an error
     WORKER_LOST = "worker_lost"  # a worker crashed, broke the protocol or was killed
+    EXPIRED = "expired"  # an async execution did not start within retry.max_event_age_s
 
 
 # --- task definitions (validated client input) ---------------------------------------------
@@ -106,7 +107,22 @@ class PlacementSpec(_Spec):
 
 
 class RetrySpec(_Spec):
-    max_attempts: int = Field(default=2, ge=1, le=10, strict=True)
+    """How an async execution is retried (a sync one never is: its caller decides)."""
+
+    max_attempts: int = Field(default=2, ge=1, le=10, strict=True, description="runs at most")
+    backoff_ms: int = Field(
+        default=1000, ge=0, le=3_600_000, strict=True, description="wait before the 2nd attempt"
+    )
+    max_backoff_ms: int = Field(
+        default=60_000, ge=0, le=3_600_000, strict=True, description="doubling stops here"
+    )
+    max_event_age_s: int = Field(
+        default=21_600,
+        ge=1,
+        le=604_800,
+        strict=True,
+        description="an execution not started this long after it was accepted is dead-lettered",
+    )
 
 
 class TaskSpec(_Spec):
@@ -239,6 +255,12 @@ class ExecutionRecord:
     exit_code: int | None = None
     output_bytes: int = 0
     idempotency_key: str | None = None
+    #: async only: when the next attempt may start (wall clock), after a failed one
+    retry_at: float | None = None
+    #: async only: its attempts are used up (or it aged out) without success
+    dead_letter: bool = False
+    #: async only: one entry per attempt that ended: attempt, node_id, status, error, times
+    history: tuple[Mapping[str, Any], ...] = ()
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -258,6 +280,9 @@ class ExecutionRecord:
             "exit_code": self.exit_code,
             "output_bytes": self.output_bytes,
             "idempotency_key": self.idempotency_key,
+            "retry_at": self.retry_at,
+            "dead_letter": self.dead_letter,
+            "history": [dict(h) for h in self.history],
         }
 
     @classmethod
@@ -279,4 +304,7 @@ class ExecutionRecord:
             exit_code=doc.get("exit_code"),
             output_bytes=int(doc.get("output_bytes", 0)),
             idempotency_key=doc.get("idempotency_key"),
+            retry_at=doc.get("retry_at"),
+            dead_letter=bool(doc.get("dead_letter", False)),
+            history=tuple(doc.get("history") or ()),
         )

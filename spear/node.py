@@ -36,6 +36,11 @@ from spear.roles import (
     serve_gateway,
 )
 from spear.roles.cluster import ClusterHandle, is_voter, serve_cluster
+from spear.roles.execution_plane import (
+    PLANE_MESSAGES,
+    build_execution_plane,
+    serve_execution_plane,
+)
 from spear.roles.forwarding import ForwardingApp
 from spear.roles.leadership import LeaderServices, RoleRouter, serve_leadership
 from spear.runtimes import RuntimeManager, open_runtime_manager
@@ -186,6 +191,7 @@ async def _serve_roles(
             artifacts=artifacts,
             http_address=url.removeprefix("http://"),
             runtimes=runtimes.available,
+            app_messages=PLANE_MESSAGES,
         )
     )
     cluster = mesh
@@ -203,15 +209,30 @@ async def _serve_roles(
     # One TaskService and one web app for the node's life: each leadership term only runs
     # the service's async workers (building the app costs a few hundred milliseconds, which
     # would otherwise lengthen every failover).
+    plane = build_execution_plane(config, mesh=mesh, spearlet=spearlet, state=state, leader=leader)
+    await nursery.start(
+        partial(
+            serve_execution_plane,
+            config,
+            plane,
+            mesh=mesh,
+            spearlet=spearlet,
+            host=host,
+            runtimes=tuple(runtimes.available),
+            leader=leader,
+        )
+    )
     service = TaskService(
         config=config.sms,
         state=state,
         spearlet=spearlet,
+        functions=plane.functions,
+        dispatcher=plane.dispatcher,
         artifacts=artifacts,
         commit=replicator.commit,
         replicate_file=mesh.replicate_file,
     )
-    app = build_app(service, info, config.gateway, host, cluster=mesh)
+    app = build_app(service, info, config.gateway, host, cluster=mesh, nodes=plane.nodes)
 
     async def before_leading() -> None:
         # A new leader may lack blobs uploaded through another: fetch them first.

@@ -8,6 +8,7 @@ from typing import NoReturn, TypeAlias
 
 from spear.cli import commands
 from spear.cli.cluster import add_cluster_flags, cmd_cluster
+from spear.cli.nodes import cmd_nodes_drain, cmd_nodes_get, cmd_nodes_list
 from spear.cli.output import EXIT_USAGE, fail
 from spear.cli.serve import add_node_flags, cmd_demo, cmd_node
 
@@ -64,6 +65,10 @@ def build_parser() -> Parser:
         client,
     )
     _command(sub, "status", commands.cmd_status, client, "node health and cluster members")
+    _add_nodes(
+        _command(sub, "nodes", cmd_nodes_list, client, "nodes with status and resources; drain"),
+        client,
+    )
     return parser
 
 
@@ -190,3 +195,21 @@ def _add_executions(sub: Subcommands, client: Parser) -> None:
         ("cancel", commands.cmd_executions_cancel, "cancel a pending or running execution"),
     ):
         _command(sub, name, handler, client, help_text).add_argument("execution_id", metavar="ID")
+
+
+def _add_nodes(nodes: Parser, client: Parser) -> None:
+    nodes.description = (
+        "List the nodes with their status, role, resources and running work (the default "
+        "command), show one, or drain one."
+    )
+    sub = nodes.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
+    _command(sub, "list", cmd_nodes_list, client, "list the nodes (the same as `spear nodes`)")
+    get = _command(sub, "get", cmd_nodes_get, client, "show a node and its resource report")
+    get.add_argument("node", metavar="ID", help="a node id or name")
+    drain = _command(
+        sub, "drain", cmd_nodes_drain, client, "drain a node: no new work; its running work ends"
+    )
+    drain.add_argument("node", metavar="ID", help="a node id or name")
+    drain.add_argument(
+        "--disable", action="store_true", help="undo a drain: the node takes new work again"
+    )

@@ -36,6 +36,7 @@ from spear.mesh import (
     Membership,
     MemberState,
     MessageCodec,
+    PeerUnreachableError,
     RaftCore,
     Transport,
     choose_bootstrap_voters,
@@ -60,6 +61,8 @@ _PEERS = b"meta/peers"
 #: artifact requests from peers served at once, and waiting beyond those
 ARTIFACT_WORKERS = 4
 ARTIFACT_QUEUE = 64
+#: messages for the node's other services (reports, dispatch) waiting to be taken
+APP_QUEUE = 1024
 _RAFT_TYPES = tuple(RAFT_MESSAGES.values())
 _ARTIFACT_TYPES = tuple(ARTIFACT_MESSAGES.values())
 
@@ -74,6 +77,10 @@ class ClusterHandle:
     gossip: GossipDriver
     replicator: Replicator
     artifacts: ArtifactSync
+    #: inbound messages of the types given to serve_cluster as `app_messages`
+    app_inbound: trio.MemoryReceiveChannel[Inbound]
+    #: this run's gossip incarnation: above every earlier run's
+    incarnation: int
 
     @property
     def mesh_address(self) -> str:
@@ -88,6 +95,28 @@ class ClusterHandle:
         if member is None or member.state in (MemberState.DEAD, MemberState.LEFT):
             return None
         return member.meta.http_address or None
+
+    def leader_mesh(self) -> str | None:
+        """The mesh address of the leader this node knows for the current term."""
+        leader = self.replicator.soft_state.leader_id
+        return None if leader is None else self.gossip.address_of(leader)
+
+    async def request(self, node_id: str, message: object, timeout_s: float) -> Any:
+        """A request to a member by node id (see Transport.request).
+
+        Raises:
+            PeerUnreachableError: the member has no known reachable address.
+        """
+        address = self.gossip.address_of(node_id)
+        if address is None:
+            raise PeerUnreachableError(f"node {node_id} has no reachable mesh address")
+        return await self.transport.request(address, message, timeout_s=timeout_s)
+
+    def send(self, node_id: str, message: object) -> None:
+        """A one-way message to a member by node id; dropped if it has no known address."""
+        address = self.gossip.address_of(node_id)
+        if address is not None:
+            self.transport.send(address, message)
 
     def is_leader(self) -> bool:
         return self.replicator.soft_state.role == "leader"
@@ -172,14 +201,23 @@ async def serve_cluster(
     artifacts: ArtifactStore,
     http_address: str,
     runtimes: Sequence[str],
+    app_messages: dict[str, type] | None = None,
     task_status: trio.TaskStatus[ClusterHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run this node's mesh role until cancelled; `task_status.started(ClusterHandle)`."""
+    """Run this node's mesh role until cancelled; `task_status.started(ClusterHandle)`.
+
+    Args:
+        app_messages: more message types (tag -> class) for the node's other services;
+            inbound ones are queued on the handle's `app_inbound`.
+    """
     key, token = await trio.to_thread.run_sync(cluster_key, config, data_dir)
     storage = RaftStorage(store, state)
     durable = await trio.to_thread.run_sync(storage.load)
     incarnation = await trio.to_thread.run_sync(_next_incarnation, store)
-    codec = MessageCodec({**RAFT_MESSAGES, **SWIM_MESSAGES, **ARTIFACT_MESSAGES})
+    app_messages = app_messages or {}
+    codec = MessageCodec({**RAFT_MESSAGES, **SWIM_MESSAGES, **ARTIFACT_MESSAGES, **app_messages})
+    app_send, app_inbound = trio.open_memory_channel[Inbound](APP_QUEUE)
+    app_types = tuple(app_messages.values())
     async with trio.open_nursery() as nursery:
         try:
             transport: Transport = await nursery.start(
@@ -248,7 +286,7 @@ async def serve_cluster(
         )
         await nursery.start(gossip.serve)
         await nursery.start(replicator.serve)
-        nursery.start_soon(_route_inbound, transport, gossip, replicator, sync)
+        nursery.start_soon(_route_inbound, transport, gossip, replicator, sync, app_send, app_types)
         seeds = sorted({*config.mesh.join, *await trio.to_thread.run_sync(_known_peers, store)})
         if seeds:
             gossip.join(seeds)
@@ -263,6 +301,8 @@ async def serve_cluster(
             gossip=gossip,
             replicator=replicator,
             artifacts=sync,
+            app_inbound=app_inbound,
+            incarnation=incarnation,
         )
         task_status.started(handle)
 
@@ -299,7 +339,12 @@ def _next_incarnation(store: Store) -> int:
 
 
 async def _route_inbound(
-    transport: Transport, gossip: GossipDriver, replicator: Replicator, sync: ArtifactSync
+    transport: Transport,
+    gossip: GossipDriver,
+    replicator: Replicator,
+    sync: ArtifactSync,
+    app: trio.MemorySendChannel[Inbound],
+    app_types: tuple[type, ...],
 ) -> None:
     requests_send, requests = trio.open_memory_channel[Inbound](ARTIFACT_QUEUE)
     async with trio.open_nursery() as nursery:
@@ -315,6 +360,12 @@ async def _route_inbound(
                 except trio.WouldBlock:
                     if inbound.reply is not None:  # bounded: a flood is refused, not queued
                         inbound.reply.fail_nowait("busy", "too many artifact requests; retry")
+            elif app_types and isinstance(message, app_types):
+                try:
+                    app.send_nowait(inbound)
+                except trio.WouldBlock:
+                    if inbound.reply is not None:
+                        inbound.reply.fail_nowait("busy", "this node is overloaded; retry")
             else:
                 gossip.deliver(inbound.peer_address, message)
 

@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spear.config import GatewayConfig, parse_hostport
-from spear.errors import ConfigError, NotFoundError, SpearError
+from spear.errors import ConfigError, NotFoundError, SpearError, UnavailableError
 from spear.host import HostMetrics
 from spear.model import ExecStatus, TaskRecord, TaskSpec
 from spear.roles.invoke_path import (
@@ -38,6 +38,7 @@ from spear.roles.invoke_path import (
     error_doc_answer,
     read_limited,
 )
+from spear.roles.nodes import NodeService
 from spear.roles.sms import TaskService
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,22 @@ class ExecutionDoc(BaseModel):
     exit_code: int | None
     output_bytes: int
     idempotency_key: str | None
+    retry_at: float | None = None
+    dead_letter: bool = False
+    history: list[dict[str, Any]] = []
 
 
 class AcceptedDoc(BaseModel):
     execution_id: str
     status: ExecStatus
+
+
+class DrainRequest(BaseModel):
+    """The optional body of `POST /api/v1/nodes/{node_id}/drain`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enable: StrictBool = True
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -173,9 +185,10 @@ def build_app(
     host: HostMetrics,
     *,
     cluster: ClusterView | None = None,
+    nodes: NodeService | None = None,
 ) -> Gateway:
     """The gateway's ASGI application: the invoke fast path in front of the control app."""
-    control = build_control_app(service, node, config, host, cluster=cluster)
+    control = build_control_app(service, node, config, host, cluster=cluster, nodes=nodes)
     return Gateway(service, control, config)
 
 
@@ -192,8 +205,15 @@ def build_control_app(
     host: HostMetrics,
     *,
     cluster: ClusterView | None = None,
+    nodes: NodeService | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving every route, with the OpenAPI description and /docs."""
+    """The FastAPI app serving every route, with the OpenAPI description and /docs.
+
+    Args:
+        cluster: the mesh role, for `GET /api/v1/cluster` (default: this node alone).
+        nodes: the node registry, for the node routes (default: this node alone, its live
+            host metrics, and no drain).
+    """
     app = FastAPIOffline(
         title="spear",
         version="0.1.0",
@@ -247,7 +267,7 @@ def build_control_app(
         doc = {"leader_id": node.node_id, "term": 1, "voters": [node.node_id], "members": [member]}
         return _doc(request, doc)
 
-    def node_doc() -> dict[str, Any]:
+    def lone_node_doc() -> dict[str, Any]:
         return {
             "node_id": node.node_id,
             "name": node.name,
@@ -262,18 +282,43 @@ def build_control_app(
             "statistics": service.statistics(),
         }
 
+    def with_statistics(doc: dict[str, Any]) -> dict[str, Any]:
+        # The serving node adds its own figures (the registry holds only reports).
+        if doc["node_id"] == node.node_id:
+            doc["statistics"] = service.statistics()
+        return doc
+
     @app.get(f"{API}/nodes", tags=["cluster"])
     async def list_nodes(request: Request) -> Response:
-        return _doc(request, {"nodes": [node_doc()]})
+        if nodes is None:
+            return _doc(request, {"nodes": [lone_node_doc()]})
+        listed = nodes.nodes(trio.current_time())["nodes"]
+        return _doc(request, {"nodes": [with_statistics(doc) for doc in listed]})
 
     @app.get(f"{API}/nodes/{{node_id}}", responses=ERRORS, tags=["cluster"])
     async def get_node(request: Request, node_id: str) -> Response:
+        """A node by id or name."""
+        if nodes is not None:
+            return _doc(request, with_statistics(nodes.node(node_id, trio.current_time())))
         if node_id not in (node.node_id, node.name):
             raise NotFoundError(f"node {node_id!r} is not a member of this cluster")
-        return _doc(request, node_doc())
+        return _doc(request, lone_node_doc())
+
+    @app.post(f"{API}/nodes/{{node_id}}/drain", responses=ERRORS, tags=["cluster"])
+    async def drain_node(
+        request: Request, node_id: str, body: DrainRequest | None = None
+    ) -> Response:
+        """Drain a node (by id or name): no new work is placed on it while its running work
+        finishes. `{"enable": false}` undoes it. Answers the node's document once committed."""
+        if nodes is None:
+            raise UnavailableError("this node has no node registry yet; retry")
+        drained = await nodes.drain(node_id, True if body is None else body.enable)
+        return _doc(request, with_statistics(nodes.node(drained, trio.current_time())))
 
     @app.get(f"{API}/resources", tags=["cluster"])
     async def resources(request: Request) -> Response:
+        if nodes is not None:
+            return _doc(request, nodes.resources(trio.current_time()))
         report = {"node_id": node.node_id, "name": node.name, **host.sample()}
         report["pools"] = service.statistics()["spearlet"]["pools"]
         return _doc(request, {"resources": [report]})
@@ -375,10 +420,21 @@ def build_control_app(
         task: str | None = None,
         status: ExecStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        dead_letter: Annotated[
+            bool, Query(description="only the dead-letter list (async attempts used up)")
+        ] = False,
     ) -> Response:
-        records = service.list_executions(
-            task=task, status=status.value if status else None, limit=limit
-        )
+        if dead_letter:
+            records = service.dead_letters(limit=limit)
+            if task is not None:
+                task_id = service.get_task(task).task_id
+                records = [r for r in records if r.task_id == task_id]
+            if status is not None:
+                records = [r for r in records if r.status is status]
+        else:
+            records = service.list_executions(
+                task=task, status=status.value if status else None, limit=limit
+            )
         return _doc(request, {"executions": [r.to_doc() for r in records]})
 
     @app.get(
@@ -425,6 +481,16 @@ def build_control_app(
     )
     async def cancel(request: Request, execution_id: str) -> Response:
         return _doc(request, (await service.cancel(execution_id)).to_doc())
+
+    @app.post(
+        f"{API}/executions/{{execution_id}}/redrive",
+        response_model=ExecutionDoc,
+        responses=ERRORS,
+        tags=["executions"],
+    )
+    async def redrive(request: Request, execution_id: str) -> Response:
+        """Run a dead-lettered async execution again, with a fresh budget of attempts."""
+        return _doc(request, (await service.redrive(execution_id)).to_doc())
 
     return app
 

@@ -96,8 +96,12 @@ class PoolManager:
             await pool.aclose()
 
     def statistics(self) -> dict[str, dict[str, Any]]:
-        """`{task_id: {"task": name, **InstancePool.statistics()}}` for every pool."""
+        """`{task_id: {"task", "max_instances", **InstancePool.statistics()}}` for every pool."""
         return {
-            task_id: {"task": pool.spec.name, **pool.statistics()}
+            task_id: {
+                "task": pool.spec.name,
+                "max_instances": pool.settings.max_instances,
+                **pool.statistics(),
+            }
             for task_id, pool in self._pools.items()
         }

@@ -10,7 +10,7 @@ attempt counted against the task's `retry.max_attempts`).
 from __future__ import annotations
 
 import logging
-import math
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -23,6 +23,7 @@ from spear.config import SmsConfig
 from spear.errors import (
     ConflictError,
     NotFoundError,
+    SaturatedError,
     SpearError,
     UnavailableError,
     ValidationError,
@@ -41,10 +42,30 @@ from spear.model import (
     new_task_id,
 )
 from spear.roles.artifacts import ArtifactStore
+from spear.roles.dispatch import ExecutionResult, ResultAck, retry_delay_s
+from spear.roles.dispatcher import Dispatcher, DispatchRefusedError
+from spear.roles.function_service import FunctionService, outcome_of
+from spear.roles.placement import Ticket
 from spear.roles.spearlet import Spearlet
 from spear.roles.state import AddFile, Command, DeleteTask, PutExecution, RegisterTask, SmsState
 
 log = logging.getLogger(__name__)
+
+#: wait before placing again an async execution no node could take
+PLACEMENT_RETRY_S = 0.5
+#: how often the leader looks for lost Spearlet leases
+LEASE_CHECK_S = 0.25
+#: how long a stopping leader may take to put its own running attempts back to pending
+STOP_GRACE_S = 2.0
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """An async attempt dispatched to a node, awaiting its result."""
+
+    node_id: str
+    attempt: int
+    ticket: Ticket | None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -68,10 +89,13 @@ class TaskService:
         config: SmsConfig,
         state: SmsState,
         spearlet: Spearlet,
+        functions: FunctionService,
+        dispatcher: Dispatcher,
         artifacts: ArtifactStore,
         commit: Callable[[Command], Awaitable[None]] | None = None,
         replicate_file: Callable[[str], Awaitable[None]] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         """
         Args:
@@ -85,6 +109,9 @@ class TaskService:
         self._commit = commit
         self._replicate_file = replicate_file
         self._spearlet = spearlet
+        self._functions = functions
+        self._dispatcher = dispatcher
+        self._rng = rng or random.Random()
         self._artifacts = artifacts
         self._now = wall_clock
         self._sync: OrderedDict[ExecutionId, _SyncEntry] = OrderedDict()
@@ -96,6 +123,10 @@ class TaskService:
         )
         self._queued = 0
         self._waiters: dict[ExecutionId, trio.Event] = {}
+        self._inflight: dict[ExecutionId, _InFlight] = {}
+        self._nursery: trio.Nursery | None = None
+        self._serving = False
+        self._cancelled: set[ExecutionId] = set()
 
     @property
     def node_id(self) -> str:
@@ -148,13 +179,23 @@ class TaskService:
         if self._state.find_task(spec.name) is not None:
             raise ConflictError(f"a task named {spec.name!r} already exists")
         pinned = spec.placement.node_id
-        if pinned is not None and pinned != self.node_id:
+        if pinned is not None and pinned not in {
+            v.node_id for v in self._dispatcher.placer.views()
+        }:
             raise ValidationError(
                 f"placement.node_id {pinned!r} is not a member of this cluster",
                 field="placement.node_id",
             )
         record = TaskRecord(task_id=new_task_id(), spec=spec, created_at=self._now())
-        await self._spearlet.prepare(record)
+        if self._spearlet.offers(spec.runtime):
+            await self._spearlet.prepare(record)
+        elif not any(spec.runtime in v.runtimes for v in self._dispatcher.placer.views()):
+            raise ValidationError(
+                f"{self._spearlet.why_not(spec.runtime)}; no other node of this cluster"
+                " offers it either",
+                field="runtime",
+            )
+        # else: the node it is placed on prepares it before its first run.
         await self._apply(RegisterTask(record=record))
         self._spearlet.prewarm(record)  # only once stored: a refused write starts nothing
         return record
@@ -194,12 +235,17 @@ class TaskService:
         record = self._new_record(task, "sync", idempotency_key)
         entry = _SyncEntry(record=record)
         self._remember(entry)
+
+        def placed(node_id: str) -> None:
+            entry.record = replace(entry.record, node_id=NodeId(node_id))
+
         try:
-            outcome = await self._spearlet.execute(
+            outcome, node_id = await self._dispatcher.run_sync(
                 task,
                 record.execution_id,
                 data,
                 timeout_s=None if timeout_ms is None else timeout_ms / 1000,
+                on_placed=placed,
             )
         except SpearError:
             # Refused before it ran (a saturated pool, a deleted task): the client gets the
@@ -210,7 +256,7 @@ class TaskService:
             entry.record = replace(record, status=ExecStatus.CANCELLED, finished_at=self._now())
             entry.done.set()
             raise
-        entry.record = _finish(record, outcome, self.node_id, self._now())
+        entry.record = _finish(record, outcome, node_id, self._now())
         entry.output, entry.logs = outcome.output, outcome.logs
         self._sync_bytes += entry.size
         self._evict()
@@ -296,53 +342,217 @@ class TaskService:
         self._queued += 1
         self._queue_send.send_nowait(execution_id)
 
+    def _schedule(self, execution_id: ExecutionId, at: float | None) -> None:
+        """Queue an execution for its next attempt, now or at wall-clock time `at`."""
+        delay = 0.0 if at is None else at - self._now()
+        if delay <= 0 or self._nursery is None:
+            self._enqueue(execution_id)
+            return
+        self._queued += 1  # it counts against the queue limit while it waits
+
+        async def later() -> None:
+            await trio.sleep(delay)
+            self._queued -= 1
+            self._enqueue(execution_id)
+
+        self._nursery.start_soon(later)
+
     async def _run_async(self, execution_id: ExecutionId) -> None:
+        """Place and dispatch the next attempt of an accepted execution."""
         async with self._async_lock:
             record = self._state.execution(execution_id)
-            if record is None or record.status.terminal:
-                return
+            if record is None or record.status is not ExecStatus.PENDING:
+                return  # finished, or (a duplicate queue entry) already dispatched
             task = self._state.find_task(record.task_id)
             if task is None:
-                await self._apply(
-                    PutExecution(
-                        record=_failed(
-                            record, ErrorCode.START_FAILED, "its task was deleted", self._now()
-                        )
-                    )
+                await self._end(
+                    _failed(record, ErrorCode.START_FAILED, "its task was deleted", self._now())
                 )
-                self._notify(execution_id)
                 return
-            if record.attempts >= task.spec.retry.max_attempts:
-                message = "the node stopped while it ran and its attempts are used up"
-                failed = _failed(record, ErrorCode.NODE_LOST, message, self._now())
-                await self._apply(PutExecution(record=failed))
-                self._notify(execution_id)
+            retry = task.spec.retry
+            if record.attempts >= retry.max_attempts:
+                message = f"its {record.attempts} attempt(s) are used up (retry.max_attempts)"
+                await self._end(_dead(record, ErrorCode.NODE_LOST, message, self._now()))
                 return
-            record = replace(
+            if self._now() - _accepted_at(record) > retry.max_event_age_s:
+                message = (
+                    f"it did not start within retry.max_event_age_s ({retry.max_event_age_s} s)"
+                )
+                await self._end(_dead(record, ErrorCode.EXPIRED, message, self._now()))
+                return
+            last_node = record.history[-1].get("node_id") if record.history else None
+            exclude = frozenset({last_node}) if isinstance(last_node, str) else frozenset()
+            try:
+                ticket = self._place(task, exclude)
+            except SpearError as exc:
+                # No node can take it now (full, or none fits yet): not an attempt; later.
+                log.info("async execution %s waits for a node: %s", execution_id, exc)
+                self._schedule(execution_id, self._now() + PLACEMENT_RETRY_S)
+                return
+            attempt = record.attempts + 1
+            running = replace(
                 record,
                 status=ExecStatus.RUNNING,
-                attempts=record.attempts + 1,
+                attempts=attempt,
                 started_at=self._now(),
-                node_id=NodeId(self.node_id),
+                node_id=NodeId(ticket.node_id),
+                retry_at=None,
+                error=None,
             )
-            await self._apply(PutExecution(record=record))
+            try:
+                await self._apply(PutExecution(record=running))
+            except BaseException:
+                self._dispatcher.placer.release(ticket)
+                raise
+            self._inflight[execution_id] = _InFlight(ticket.node_id, attempt, ticket)
         data = await trio.to_thread.run_sync(self._state.execution_blob, "execin", execution_id)
+        timeout_s = self._spearlet.function_spec(task).timeout_s
         try:
-            # Accepted work waits for an instance rather than failing on a busy pool.
-            outcome = await self._spearlet.execute(
-                task, execution_id, data or b"", acquire_timeout_s=math.inf
+            await self._dispatcher.start_async(
+                task,
+                execution_id,
+                attempt,
+                data or b"",
+                node_id=ticket.node_id,
+                ticket=ticket,
+                timeout_s=timeout_s,
             )
-        except BaseException as exc:
-            if _is_cancellation(exc):
-                # The node is stopping: this run does not count; it runs again at the next start.
-                with trio.CancelScope(shield=True):
-                    again = replace(record, status=ExecStatus.PENDING, attempts=record.attempts - 1)
-                    await self._apply(PutExecution(record=again))
-            raise
-        final = _finish(record, outcome, self.node_id, self._now())
-        async with self._async_lock:
-            await self._apply(PutExecution(record=final, output=outcome.output, logs=outcome.logs))
-        self._notify(execution_id)
+        except (DispatchRefusedError, SaturatedError) as exc:
+            # It certainly did not start: the attempt does not count; placed again soon.
+            log.info("async execution %s not taken: %s", execution_id, exc)
+            async with self._async_lock:
+                await self._undo_attempt(execution_id, attempt, ticket.node_id)
+
+    def _place(self, task: TaskRecord, exclude: frozenset[str]) -> Ticket:
+        """A placement, leaving out `exclude` unless nothing else fits."""
+        placer = self._dispatcher.placer
+        demand = self._dispatcher.demand(task, exclude)
+        if not exclude:
+            return placer.place(demand)
+        try:
+            return placer.place(demand)
+        except SpearError:
+            return placer.place(self._dispatcher.demand(task))
+
+    async def _undo_attempt(self, execution_id: ExecutionId, attempt: int, node_id: str) -> None:
+        flight = self._inflight.get(execution_id)
+        if flight is None or flight.attempt != attempt:
+            return
+        self._release(execution_id)
+        record = self._state.execution(execution_id)
+        if record is None or record.status is not ExecStatus.RUNNING or record.attempts != attempt:
+            return
+        again = replace(
+            record,
+            status=ExecStatus.PENDING,
+            attempts=attempt - 1,
+            node_id=None,
+            started_at=None,
+            retry_at=self._now() + PLACEMENT_RETRY_S,
+        )
+        await self._apply(PutExecution(record=again))
+        self._schedule(execution_id, again.retry_at)
+
+    def _release(self, execution_id: ExecutionId) -> _InFlight | None:
+        flight = self._inflight.pop(execution_id, None)
+        if flight is not None and flight.ticket is not None:
+            self._dispatcher.placer.release(flight.ticket)
+        return flight
+
+    async def on_result(self, result: ExecutionResult) -> ResultAck | None:
+        """A Spearlet's result of an async attempt: commit it (or the retry it calls for).
+
+        Returns the ack the Spearlet waits for, or None when this node cannot take it now
+        (it is not leading): the Spearlet offers it again to the next leader.
+        """
+        ack = ResultAck(execution_id=result.execution_id, attempt=result.attempt)
+        if not self._serving:
+            return None
+        try:
+            async with self._async_lock:
+                record = self._state.execution(result.execution_id)
+                if (
+                    record is None
+                    or record.status is not ExecStatus.RUNNING
+                    or record.attempts != result.attempt
+                    or record.node_id != result.node_id
+                ):
+                    return ack  # an attempt already settled, or superseded: nothing to do
+                self._release(record.execution_id)
+                await self._settle(record, outcome_of(result), result.node_id)
+        except SpearError as exc:
+            log.info("result of %s not committed: %s", result.execution_id, exc)
+            return None
+        return ack
+
+    async def _settle(self, record: ExecutionRecord, outcome: RunOutcome, node_id: str) -> None:
+        """Commit how an attempt ended: the final record, or a retry after a backoff."""
+        now = self._now()
+        ended = _finish(record, outcome, node_id, now)
+        history = (*record.history, _attempt_entry(ended))
+        if record.execution_id in self._cancelled:
+            self._cancelled.discard(record.execution_id)
+            if outcome.status is not ExecStatus.SUCCEEDED:
+                ended = replace(
+                    ended,
+                    status=ExecStatus.CANCELLED,
+                    error={"code": ErrorCode.CANCELLED.value, "message": "cancelled by request"},
+                )
+                outcome = replace(outcome, status=ExecStatus.CANCELLED)
+                history = (*record.history, _attempt_entry(ended))
+        retryable = outcome.status in (ExecStatus.FAILED, ExecStatus.TIMEOUT)
+        task = self._state.find_task(record.task_id)
+        if retryable and task is not None and record.attempts < task.spec.retry.max_attempts:
+            delay = retry_delay_s(task.spec.retry, record.attempts, self._rng)
+            again = replace(
+                ended,
+                status=ExecStatus.PENDING,
+                finished_at=None,
+                retry_at=now + delay,
+                history=history,
+            )
+            await self._apply(PutExecution(record=again))
+            self._schedule(record.execution_id, again.retry_at)
+            return
+        final = replace(ended, history=history, dead_letter=retryable)
+        await self._apply(PutExecution(record=final, output=outcome.output, logs=outcome.logs))
+        self._notify(record.execution_id)
+
+    async def _end(self, record: ExecutionRecord) -> None:
+        await self._apply(PutExecution(record=record))
+        self._notify(record.execution_id)
+
+    async def _watch_leases(self) -> None:
+        """Declare the attempts of Spearlets whose lease is lost, and retry them elsewhere."""
+        while True:
+            now = trio.current_time()
+            leases = self._dispatcher.leases
+            lost = [
+                (execution_id, flight)
+                for execution_id, flight in self._inflight.items()
+                if leases.lost(flight.node_id, now)
+            ]
+            for execution_id, flight in lost:
+                async with self._async_lock:
+                    record = self._state.execution(execution_id)
+                    current = self._inflight.get(execution_id)
+                    if current is not flight or record is None:
+                        continue
+                    self._release(execution_id)
+                    if record.status is not ExecStatus.RUNNING or record.attempts != flight.attempt:
+                        continue
+                    message = (
+                        f"node {flight.node_id} was lost while it ran attempt {flight.attempt}"
+                        f" (no report for {leases.lease_s:g} s, sms.spearlet_lease_ms)"
+                    )
+                    outcome = RunOutcome(
+                        status=ExecStatus.FAILED,
+                        error_code=ErrorCode.NODE_LOST,
+                        error_message=message,
+                    )
+                    log.warning("async execution %s: %s", execution_id, message)
+                    await self._settle(record, outcome, flight.node_id)
+            await trio.sleep(LEASE_CHECK_S)
 
     def _notify(self, execution_id: ExecutionId) -> None:
         event = self._waiters.pop(execution_id, None)
@@ -367,24 +577,92 @@ class TaskService:
     async def serve_async_workers(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Prewarm the stored tasks' pools, then run accepted async executions,
-        `sms.async_workers` at a time, until cancelled (when this node stops leading).
+        """Prewarm the stored tasks' pools, then dispatch accepted async executions and settle
+        their attempts, until cancelled (when this node stops leading).
 
-        Each start (each leadership term) begins with a fresh queue of every unfinished
-        execution in the replicated state, so nothing queued in an earlier term runs twice.
+        Each start (each leadership term) begins afresh from the replicated state: pending
+        executions are queued, running ones are in flight on their node until their result
+        comes or that node's lease is lost (an attempt that was running on this very node
+        before it restarted is lost at once: nothing here runs it any more).
         """
         self._queue_send, self._queue_recv = trio.open_memory_channel[ExecutionId](
             self._config.async_queue_limit
         )
         self._queued = 0
+        self._inflight = {}
+        self._dispatcher.begin_term()
         for task in self._state.tasks():
             self._spearlet.prewarm(task)
-        for record in await trio.to_thread.run_sync(self._state.unfinished_executions):
-            self._enqueue(record.execution_id)
-        async with trio.open_nursery() as nursery:
-            for _ in range(self._config.async_workers):
-                nursery.start_soon(self._async_worker)
-            task_status.started()
+        unfinished = await trio.to_thread.run_sync(self._state.unfinished_executions)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for record in unfinished:
+                    if record.status is ExecStatus.RUNNING and record.node_id is not None:
+                        flight = _InFlight(record.node_id, record.attempts, None)
+                        self._inflight[record.execution_id] = flight
+                        if record.node_id == self.node_id and not self._functions.holds(
+                            record.execution_id
+                        ):
+                            nursery.start_soon(self._lost_here, record.execution_id, flight)
+                    else:
+                        self._schedule(record.execution_id, record.retry_at)
+                for _ in range(self._config.async_workers):
+                    nursery.start_soon(self._async_worker)
+                nursery.start_soon(self._watch_leases)
+                self._serving = True
+                task_status.started()
+        finally:
+            self._serving = False
+            self._nursery = None
+            with trio.CancelScope(shield=True), trio.move_on_after(STOP_GRACE_S):
+                await self._return_local_attempts()
+            for execution_id in list(self._inflight):
+                self._release(execution_id)
+
+    async def _return_local_attempts(self) -> None:
+        """This node stops leading (or stops): the attempts that ran on it and ended without a
+        result go back to pending uncounted while this node may still commit that (a clean
+        stop of a lone node). When it no longer leads the commit fails and the next leader
+        counts them lost by the lease rule instead. Bounded by STOP_GRACE_S."""
+        for execution_id, flight in list(self._inflight.items()):
+            if flight.node_id != self.node_id:
+                continue
+            # Stopping, the node cancels the run at once; merely re-elected, it runs on
+            # (its result will come): then it is left as it is.
+            while self._functions.holds(execution_id):
+                await self._functions.wait_change()
+            record = self._state.execution(execution_id)
+            if record is None or record.status is not ExecStatus.RUNNING:
+                continue
+            if record.attempts != flight.attempt:
+                continue
+            again = replace(
+                record,
+                status=ExecStatus.PENDING,
+                attempts=flight.attempt - 1,
+                node_id=None,
+                started_at=None,
+            )
+            try:
+                await self._apply(PutExecution(record=again))
+            except SpearError as exc:
+                log.info(
+                    "execution %s stays running until its lease is lost: %s", execution_id, exc
+                )
+                return
+
+    async def _lost_here(self, execution_id: ExecutionId, flight: _InFlight) -> None:
+        async with self._async_lock:
+            record = self._state.execution(execution_id)
+            if self._inflight.get(execution_id) is not flight or record is None:
+                return
+            self._release(execution_id)
+            message = f"node {self.node_id} stopped while it ran attempt {flight.attempt}"
+            outcome = RunOutcome(
+                status=ExecStatus.FAILED, error_code=ErrorCode.NODE_LOST, error_message=message
+            )
+            await self._settle(record, outcome, self.node_id)
 
     async def _async_worker(self) -> None:
         async for execution_id in self._queue_recv:
@@ -400,14 +678,41 @@ class TaskService:
         record = self._state.execution(execution_id)
         if record is None or record.status.terminal:
             return
+        self._release(execution_id)
         message = f"spear could not run it: {exc}"
         try:
-            await self._apply(
-                PutExecution(record=_failed(record, ErrorCode.START_FAILED, message, self._now()))
-            )
+            await self._end(_failed(record, ErrorCode.START_FAILED, message, self._now()))
         except Exception:
             log.exception("async execution %s could not be marked failed", execution_id)
-        self._notify(execution_id)
+
+    async def redrive(self, execution_id: str) -> ExecutionRecord:
+        """Run a dead-lettered execution again, with a fresh budget of attempts.
+
+        Raises:
+            ConflictError: it is not in the dead-letter list.
+        """
+        async with self._async_lock:
+            record = self.get_execution(execution_id)
+            if not record.dead_letter:
+                raise ConflictError(
+                    f"execution {execution_id} is not dead-lettered ({record.status.value});"
+                    " only dead-lettered executions can be redriven"
+                )
+            now = self._now()
+            again = replace(
+                record,
+                status=ExecStatus.PENDING,
+                attempts=0,
+                dead_letter=False,
+                error=None,
+                finished_at=None,
+                node_id=None,
+                retry_at=None,
+                history=(*record.history, {"redriven_at": now}),
+            )
+            await self._apply(PutExecution(record=again))
+            self._enqueue(again.execution_id)
+        return again
 
     # --- execution records -----------------------------------------------------------------
 
@@ -419,6 +724,10 @@ class TaskService:
         if record is None:
             raise NotFoundError(f"execution {execution_id!r} does not exist (or is no longer kept)")
         return record
+
+    def dead_letters(self, *, limit: int = 100) -> list[ExecutionRecord]:
+        """Async executions whose attempts were used up (or that aged out), newest first."""
+        return self._state.dead_letters(limit=limit)
 
     def list_executions(
         self, *, task: str | None = None, status: str | None = None, limit: int = 100
@@ -460,9 +769,20 @@ class TaskService:
             raise ConflictError(f"execution {execution_id} already ended as {record.status.value}")
         if self._spearlet.cancel(record.execution_id):
             return record
+        entry = self._sync.get(record.execution_id)
+        if entry is not None:
+            if entry.record.node_id is not None:
+                self._dispatcher.cancel(entry.record.node_id, record.execution_id)
+            return record
         async with self._async_lock:
             record = self.get_execution(execution_id)
-            if record.mode == "async" and not record.status.terminal:
+            flight = self._inflight.get(record.execution_id)
+            if flight is not None and record.status is ExecStatus.RUNNING:
+                # Its node stops it and reports it cancelled; if the node is lost meanwhile,
+                # it is not run again.
+                self._cancelled.add(record.execution_id)
+                self._dispatcher.cancel(flight.node_id, record.execution_id)
+            elif record.mode == "async" and not record.status.terminal:
                 record = replace(
                     record,
                     status=ExecStatus.CANCELLED,
@@ -515,3 +835,29 @@ def _is_cancellation(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return exc.subgroup(trio.Cancelled) is not None
     return isinstance(exc, trio.Cancelled)
+
+
+def _dead(record: ExecutionRecord, code: ErrorCode, message: str, now: float) -> ExecutionRecord:
+    """The record of an execution that lands in the dead-letter list."""
+    return replace(_failed(record, code, message, now), dead_letter=True, retry_at=None)
+
+
+def _accepted_at(record: ExecutionRecord) -> float:
+    """When the execution was accepted, or last redriven (its event age counts from then)."""
+    for entry in reversed(record.history):
+        redriven = entry.get("redriven_at")
+        if isinstance(redriven, int | float):
+            return float(redriven)
+    return record.created_at
+
+
+def _attempt_entry(record: ExecutionRecord) -> dict[str, Any]:
+    """One line of an execution's history: how one attempt ended."""
+    return {
+        "attempt": record.attempts,
+        "node_id": record.node_id,
+        "status": record.status.value,
+        "error": dict(record.error) if record.error else None,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+    }

@@ -60,6 +60,7 @@ class Spearlet:
         self._specs: dict[TaskId, FunctionSpec] = {}
         self._pool_settings: dict[TaskId, PoolSettings] = {}
         self._running: dict[ExecutionId, trio.CancelScope] = {}
+        self._cancel_reasons: dict[ExecutionId, str] = {}
         self._outcomes: Counter[str] = Counter()
 
     def function_spec(self, task: TaskRecord) -> FunctionSpec:
@@ -202,7 +203,14 @@ class Spearlet:
                     )
             finally:
                 del self._running[execution_id]
-        if outcome is None:
+        reason = self._cancel_reasons.pop(execution_id, None)
+        if outcome is None and reason == "lease":
+            outcome = RunOutcome(
+                status=ExecStatus.FAILED,
+                error_code=ErrorCode.NODE_LOST,
+                error_message=f"node {self.node_id} lost contact with the leader and stopped it",
+            )
+        elif outcome is None:
             outcome = RunOutcome(
                 status=ExecStatus.CANCELLED,
                 error_code=ErrorCode.CANCELLED,
@@ -230,13 +238,35 @@ class Spearlet:
             data, deadline=deadline, execution_id=execution_id, acquire_timeout_s=acquire_timeout_s
         )
 
-    def cancel(self, execution_id: ExecutionId) -> bool:
-        """Cancel a running execution; False if it is not running here."""
+    def cancel(self, execution_id: ExecutionId, *, reason: str = "request") -> bool:
+        """Cancel a running execution; False if it is not running here.
+
+        Args:
+            reason: "request" (its outcome is `cancelled`) or "lease" (this node lost its
+                lease from the leader: the outcome is a failure `node_lost`, to be retried).
+        """
         scope = self._running.get(execution_id)
         if scope is None:
             return False
+        self._cancel_reasons[execution_id] = reason
         scope.cancel()
         return True
+
+    def offers(self, runtime: str) -> bool:
+        """Whether this node can run functions on `runtime`."""
+        return runtime in self._runtimes.available
+
+    def why_not(self, runtime: str) -> str:
+        """Why this node cannot run `runtime` (its runtime manager's reason)."""
+        try:
+            self._runtimes.get(runtime)
+        except ValidationError as exc:
+            return str(exc)
+        return "it is available"
+
+    def running_count(self) -> int:
+        """Executions running on this node now."""
+        return len(self._running)
 
     def statistics(self) -> dict[str, Any]:
         return {

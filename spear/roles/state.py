@@ -13,7 +13,9 @@ Store layout (values are CBOR):
     execout/<execution_id>           output bytes
     execin/<execution_id>            input bytes, until the execution ends
     execlog/<execution_id>           log bytes
+    deadletter/<execution_id>        empty: the execution is in the dead-letter list
     idem/<task_id>/<sha256(key)>     execution_id
+    drain/<node_id>                  b"1" while the node is drained (no new work placed on it)
     meta/node_id                     this node's permanent id
     meta/applied                     the log index of the last command applied
 """
@@ -60,7 +62,15 @@ class PutExecution:
     logs: bytes | None = None
 
 
-Command = RegisterTask | DeleteTask | AddFile | PutExecution
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DrainNode:
+    """Stop (draining=True) or resume placing new work on a node; its running work goes on."""
+
+    node_id: str
+    draining: bool
+
+
+Command = RegisterTask | DeleteTask | AddFile | PutExecution | DrainNode
 
 #: append-only command tags of the replicated log
 _TAGS: dict[type, str] = {
@@ -68,6 +78,7 @@ _TAGS: dict[type, str] = {
     DeleteTask: "task.delete",
     AddFile: "file.add",
     PutExecution: "exec.put",
+    DrainNode: "node.drain",
 }
 
 
@@ -92,6 +103,8 @@ def encode_command(command: Command) -> bytes:
                 "output": command.output,
                 "logs": command.logs,
             }
+        case DrainNode(node_id=node_id, draining=draining):
+            body = {"node_id": node_id, "draining": draining}
     return wire.dumps({"c": _TAGS[type(command)], **body})
 
 
@@ -122,6 +135,8 @@ def decode_command(data: bytes) -> Command:
                     output=_optional_bytes(doc.get("output")),
                     logs=_optional_bytes(doc.get("logs")),
                 )
+            case "node.drain":
+                return _decode_drain(doc)
             case other:
                 raise WireError(f"unknown command {other!r} in a log entry")
     except (KeyError, TypeError, ValueError) as exc:  # pydantic's errors are ValueErrors
@@ -132,6 +147,13 @@ def _optional_bytes(value: object) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
     raise WireError(f"expected bytes or null in a log entry, got {type(value).__name__}")
+
+
+def _decode_drain(doc: dict[str, Any]) -> DrainNode:
+    node_id, draining = doc["node_id"], doc["draining"]
+    if not (isinstance(node_id, str) and node_id and isinstance(draining, bool)):
+        raise WireError("malformed node.drain command: needs a node_id string, a draining bool")
+    return DrainNode(node_id=node_id, draining=draining)
 
 
 _APPLIED = b"meta/applied"
@@ -145,6 +167,8 @@ _STATE_PREFIXES = (
     b"execin/",
     b"execlog/",
     b"idem/",
+    b"drain/",
+    b"deadletter/",
 )
 
 
@@ -179,6 +203,7 @@ class SmsState:
         self._tasks: dict[TaskId, TaskRecord] = {}
         self._names: dict[str, TaskId] = {}
         self._files: dict[FileId, dict[str, Any]] = {}
+        self._drained: frozenset[str] = frozenset()
 
     def load(self) -> None:
         """Build the in-memory indexes from the store (at start)."""
@@ -190,6 +215,9 @@ class SmsState:
             for _, value in self._store.scan(b"file/"):
                 doc = wire.loads(value)
                 self._files[FileId(doc["file_id"])] = doc
+            self._drained = frozenset(
+                k.decode()[len("drain/") :] for k, _ in self._store.scan(b"drain/")
+            )
 
     # --- commands --------------------------------------------------------------------------
 
@@ -249,6 +277,7 @@ class SmsState:
             self._tasks.clear()
             self._names.clear()
             self._files.clear()
+            self._drained = frozenset()
         self.load()
 
     def _ops_for(self, command: Command) -> Iterable[WriteOp]:
@@ -279,12 +308,18 @@ class SmsState:
                     yield Put(key, record.execution_id.encode())
                 if command.input is not None:
                     yield Put(_k("execin", record.execution_id), command.input)
-                if record.status.terminal:
-                    yield Delete(_k("execin", record.execution_id))
+                if record.dead_letter:  # its input stays: a redrive runs it again
+                    yield Put(_k("deadletter", record.execution_id), b"")
+                else:
+                    yield Delete(_k("deadletter", record.execution_id))
+                    if record.status.terminal:
+                        yield Delete(_k("execin", record.execution_id))
                 if command.output is not None:
                     yield Put(_k("execout", record.execution_id), command.output)
                 if command.logs is not None:
                     yield Put(_k("execlog", record.execution_id), command.logs)
+            case DrainNode(node_id=node_id, draining=draining):
+                yield Put(_k("drain", node_id), b"1") if draining else Delete(_k("drain", node_id))
 
     def _index(self, command: Command) -> None:
         match command:
@@ -303,6 +338,9 @@ class SmsState:
                 }
             case PutExecution():
                 pass
+            case DrainNode(node_id=node_id, draining=draining):
+                changed = self._drained | {node_id} if draining else self._drained - {node_id}
+                self._drained = frozenset(changed)
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -315,6 +353,10 @@ class SmsState:
 
     def tasks(self) -> list[TaskRecord]:
         return sorted(self._tasks.values(), key=lambda r: (r.created_at, r.task_id))
+
+    def drained(self) -> frozenset[str]:
+        """The ids of the nodes that take no new work (DrainNode)."""
+        return self._drained
 
     def file(self, file_id: str) -> dict[str, Any] | None:
         return self._files.get(FileId(file_id))
@@ -344,6 +386,13 @@ class SmsState:
             rows = self._store.scan(b"exec/")
         records = (ExecutionRecord.from_doc(wire.loads(v)) for _, v in rows)
         return [r for r in records if not r.status.terminal]
+
+    def dead_letters(self, *, limit: int) -> list[ExecutionRecord]:
+        """Dead-lettered async executions, newest first."""
+        with self._lock:
+            keys = self._store.scan(b"deadletter/", limit=limit, reverse=True)
+            raws = [self._store.get(b"exec/" + k.removeprefix(b"deadletter/")) for k, _ in keys]
+        return [ExecutionRecord.from_doc(wire.loads(raw)) for raw in raws if raw is not None]
 
     def execution_blob(self, kind: str, execution_id: str) -> bytes | None:
         """The stored input ("execin"), output ("execout") or logs ("execlog") of an execution."""

@@ -2,7 +2,7 @@
 process of an instance, and a kill that reaches all of them (cgroup v2 or v1).
 
 A node that runs as root with a writable cgroup hierarchy gives each process-runtime instance
-(a per-call run or a worker) a cgroup of its own, `spear-<node pid>-<n>`, made under the
+(a per-call run or a worker) a cgroup of its own, `spear-<node pid>-<token>-<n>`, made under the
 node's own cgroup. The instance's shell wrapper joins it before it execs the function
 (`echo $$ > .../cgroup.procs`: no `preexec_fn`, so the spawn keeps CPython's fast path), so
 its first allocation is already counted and everything it forks is a member, also what
@@ -34,6 +34,7 @@ import errno
 import itertools
 import logging
 import os
+import secrets
 import shlex
 import signal
 from collections.abc import Iterable, Mapping
@@ -365,7 +366,10 @@ class Cgroups:
         self.reaped = 0
         self._orphans: list[Cgroup] = []
         self._spare: dict[int, list[Cgroup]] = {}  # by memory limit
-        self._names = (f"spear-{os.getpid()}-{n}" for n in itertools.count(1))
+        # several runtimes may share a process (in-process test clusters): a token apart
+        prefix = f"spear-{os.getpid()}-{secrets.token_hex(3)}"
+        self._prefix = prefix
+        self._names = (f"{prefix}-{n}" for n in itertools.count(1))
         self._template = Limits(
             memory_bytes=1 << 30,
             cpu_quota_us=cpu_quota_us(settings.cpus),
@@ -390,7 +394,7 @@ class Cgroups:
         try:
             if found.version == 2:
                 _enable_v2(found, self._template.controllers)
-            probe = Cgroup.create(found, f"spear-{os.getpid()}-probe", self._template)
+            probe = Cgroup.create(found, f"{self._prefix}-probe", self._template)
             if not _rmdir_quietly_all(probe):
                 raise CgroupError(errno.EBUSY, f"cannot remove the probe cgroup {probe.path}")
         except OSError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,12 @@ class Client:
         pytest.fail("no leader emerged")
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[ChaosNode]]:
+@contextmanager
+def three_nodes(tmp_path: Path, config_text: str) -> Iterator[list[ChaosNode]]:
+    """Three `spear node` processes forming one cluster (bootstrap_expect 3); all killed at
+    the end (resumed first if paused)."""
     config = tmp_path / "spear.toml"
-    config.write_text('[mesh]\nprofile = "lan-fast"\n')
+    config.write_text(config_text)
     token = join_token(new_cluster_key())
     common = ["--config", str(config), "--join-token", token, "--bootstrap-expect", "3"]
     first = ChaosNode(
@@ -91,6 +94,12 @@ def cluster(tmp_path: Path) -> Iterator[list[ChaosNode]]:
             node.kill()
 
 
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[ChaosNode]]:
+    with three_nodes(tmp_path, '[mesh]\nprofile = "lan-fast"\n') as nodes:
+        yield nodes
+
+
 def register(client: Client, name: str) -> None:
     """Register a task; acknowledged by 201 (or 409: a retry of a write that committed)."""
     spec = {"name": name, "runtime": "process", "command": ["cat"]}
@@ -98,10 +107,11 @@ def register(client: Client, name: str) -> None:
     assert response.status_code in (201, 409), response.text
 
 
-def invoke_async(client: Client, key: str) -> str:
+def invoke_async(client: Client, key: str, task: str = "echo") -> str:
+    """Accept an async invocation with `key` as its input and idempotency key."""
     response = client.call(
         "POST",
-        "/api/v1/tasks/echo/invoke?mode=async",
+        f"/api/v1/tasks/{task}/invoke?mode=async",
         content=key.encode(),
         headers={"Idempotency-Key": key},
     )

@@ -1,0 +1,216 @@
+"""Dispatch between the leader and the Spearlets: the messages and the pure rules.
+
+The leader places an invocation and sends it to the chosen Spearlet as a `Dispatch` carrying
+`(term, leader_id)` (DESIGN.md section 3). A sync dispatch is answered with its
+`ExecutionResult`; an async one is answered `DispatchAccepted` at once, and the Spearlet later
+delivers the `ExecutionResult` to whichever node leads then, again and again until a
+`ResultAck` says it is committed.
+
+Two pure cores hold the rules, so that the simulator can drive them too:
+
+- `Fence` (on every Spearlet): refuses a command from a term lower than one already seen,
+  refuses an execution id that is already running here (one id never runs twice at once), and
+  keeps the Spearlet's *lease*: an async dispatch is taken only while the Spearlet holds a lease,
+  renewed by each acknowledged resource report for `lease_s` from the moment the report was
+  *sent*. When the lease lapses the Spearlet cancels its async executions itself.
+- `LeaseBook` (on the leader): when it last heard each Spearlet. It declares a Spearlet's work
+  lost only once `lease_s` plus a margin have passed since then, that is after the Spearlet has
+  certainly stopped it; only then is an attempt run again elsewhere. A new leader counts from
+  the moment it began to lead.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from spear.model import RetrySpec
+
+#: the share of the lease added on the leader's side for clock-rate differences, and a floor
+LEASE_MARGIN_SHARE = 0.1
+LEASE_MARGIN_MIN_S = 0.2
+
+RefusalCode = Literal["stale_term", "duplicate", "no_lease", "refused"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dispatch:
+    """Run an execution here (request, leader -> Spearlet)."""
+
+    term: int
+    leader_id: str
+    execution_id: str
+    attempt: int
+    mode: Literal["sync", "async"]
+    task: bytes  # the task's record as CBOR: a learner may not have applied it yet
+    data: bytes
+    timeout_ms: int  # what is left of the invocation's one deadline
+    acquire_timeout_ms: int  # -1: wait for an instance until the deadline
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DispatchAccepted:
+    """An async dispatch was taken; its result follows as an ExecutionResult request."""
+
+    execution_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DispatchRefused:
+    """The dispatch did not start here (it certainly did not run)."""
+
+    execution_id: str
+    code: str  # a RefusalCode, or an error code of spear.errors (e.g. "saturated")
+    message: str
+    retry_after_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DispatchCancel:
+    """Stop a running execution (one-way, leader -> Spearlet)."""
+
+    term: int
+    leader_id: str
+    execution_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionResult:
+    """How one attempt ended (the reply to a sync dispatch; a request to the leader for async)."""
+
+    execution_id: str
+    attempt: int
+    node_id: str
+    status: str
+    error_code: str | None = None
+    error_message: str | None = None
+    exit_code: int | None = None
+    cold: bool = True
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    output: bytes = b""
+    logs: bytes = b""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResultAck:
+    """The leader has the result durably (or no longer wants it): stop delivering it."""
+
+    execution_id: str
+    attempt: int
+
+
+#: append-only wire tags
+DISPATCH_MESSAGES: dict[str, type] = {
+    "dispatch.run": Dispatch,
+    "dispatch.accepted": DispatchAccepted,
+    "dispatch.refused": DispatchRefused,
+    "dispatch.cancel": DispatchCancel,
+    "dispatch.result": ExecutionResult,
+    "dispatch.result_ack": ResultAck,
+}
+
+
+@dataclass(slots=True)
+class _Running:
+    attempt: int
+    term: int
+    mode: str
+
+
+class Fence:
+    """A Spearlet's rules for commands from leaders (pure: fed `now`)."""
+
+    def __init__(self) -> None:
+        self.term = 0
+        self.lease_until = -math.inf
+        self._running: dict[str, _Running] = {}
+
+    def renew(self, term: int, sent_at: float, lease_s: float) -> None:
+        """A leader of `term` acknowledged the report this Spearlet sent at `sent_at`."""
+        if term < self.term:
+            return
+        self.term = term
+        self.lease_until = max(self.lease_until, sent_at + lease_s)
+
+    def holds_lease(self, now: float) -> bool:
+        return now < self.lease_until
+
+    def observe(self, term: int) -> bool:
+        """Whether a command of `term` may be acted on (and remember the highest term)."""
+        if term < self.term:
+            return False
+        self.term = term
+        return True
+
+    def admit(self, dispatch: Dispatch, now: float) -> tuple[RefusalCode, str] | None:
+        """Take a dispatch as running, or say why not."""
+        if not self.observe(dispatch.term):
+            return "stale_term", (
+                f"dispatch from term {dispatch.term} refused: this node has seen term {self.term}"
+            )
+        if dispatch.execution_id in self._running:
+            return "duplicate", f"execution {dispatch.execution_id} is already running here"
+        if dispatch.mode == "async" and not self.holds_lease(now):
+            return "no_lease", "this node holds no lease from the leader yet (or it lapsed)"
+        self._running[dispatch.execution_id] = _Running(
+            attempt=dispatch.attempt, term=dispatch.term, mode=dispatch.mode
+        )
+        return None
+
+    def finish(self, execution_id: str) -> None:
+        self._running.pop(execution_id, None)
+
+    def running(self, execution_id: str) -> bool:
+        return execution_id in self._running
+
+    def lapsed(self, now: float) -> list[str]:
+        """The async executions to stop because the lease lapsed."""
+        if self.holds_lease(now):
+            return []
+        return [e for e, r in self._running.items() if r.mode == "async"]
+
+
+class LeaseBook:
+    """The leader's view of its Spearlets' leases (pure: fed `now`)."""
+
+    def __init__(self, *, lease_s: float, since: float) -> None:
+        """
+        Args:
+            since: when this node began to lead: no Spearlet's lease is assumed older.
+        """
+        self.lease_s = lease_s
+        self.margin_s = max(LEASE_MARGIN_MIN_S, lease_s * LEASE_MARGIN_SHARE)
+        self._since = since
+        self._heard: dict[str, float] = {}
+
+    def heard(self, node_id: str, now: float) -> None:
+        self._heard[node_id] = max(now, self._heard.get(node_id, -math.inf))
+
+    def last_heard(self, node_id: str) -> float:
+        return max(self._heard.get(node_id, -math.inf), self._since)
+
+    def expires_at(self, node_id: str) -> float:
+        """When the node has certainly stopped the work it was given before now."""
+        return self.last_heard(node_id) + self.lease_s + self.margin_s
+
+    def lost(self, node_id: str, now: float) -> bool:
+        return now >= self.expires_at(node_id)
+
+    def live(self, node_id: str, now: float) -> bool:
+        """Whether the node reported within its lease (it may take async work)."""
+        return node_id in self._heard and now < self._heard[node_id] + self.lease_s
+
+
+def retry_delay_s(retry: RetrySpec, failed_attempts: int, rng: random.Random) -> float:
+    """The wait before the next attempt: exponential backoff with equal jitter.
+
+    The n-th failure waits between half and all of `backoff_ms * 2**(n-1)` (capped at
+    `max_backoff_ms`), so retries of many executions that failed together spread out.
+    """
+    if failed_attempts <= 0 or retry.backoff_ms == 0:
+        return 0.0
+    base = min(retry.backoff_ms * 2 ** min(failed_attempts - 1, 32), retry.max_backoff_ms)
+    return float(base / 2 + rng.uniform(0, base / 2)) / 1000

@@ -1,0 +1,255 @@
+"""The execution plane of a node: its FunctionService, resource reports, and (while it leads)
+the registry, placement and dispatch of the whole cluster's invocations.
+
+`serve_execution_plane` runs on every node beside the mesh role:
+
+- the FunctionService, which runs what leaders dispatch here and delivers async results to
+  whichever node leads;
+- the report loop: every `node.report_interval_ms` a NodeReport goes to the leader (a local
+  call on the leader itself); each ack renews this Spearlet's lease;
+- the router of the mesh messages of both: reports and results are taken only while this
+  node leads and may answer as leader (a leader paused past its check-quorum window acks
+  nothing, so it renews no lease it could not stand behind);
+- on the leader, the refresh of the placer's views as gossip and leases change.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from spear.config import Config
+from spear.host import HostMetrics
+from spear.mesh import Inbound
+from spear.roles.cluster import ClusterHandle
+from spear.roles.dispatch import (
+    DISPATCH_MESSAGES,
+    Dispatch,
+    DispatchCancel,
+    ExecutionResult,
+    ResultAck,
+)
+from spear.roles.dispatcher import Dispatcher
+from spear.roles.function_service import FunctionService
+from spear.roles.leadership import LeaderServices
+from spear.roles.nodes import (
+    NODE_MESSAGES,
+    NodeReport,
+    NodeService,
+    ReportAck,
+    answer_report,
+    pool_gauges,
+    report_sender,
+    resolve_slots,
+    serve_reports,
+)
+from spear.roles.placement import Placer
+from spear.roles.placement_feed import PlacementFeed
+from spear.roles.spearlet import Spearlet
+from spear.roles.state import SmsState
+
+log = logging.getLogger(__name__)
+
+#: the mesh messages of the execution plane (given to serve_cluster)
+PLANE_MESSAGES: dict[str, type] = {**NODE_MESSAGES, **DISPATCH_MESSAGES}
+#: how long a Spearlet waits for the leader to take a result before offering it again
+RESULT_TIMEOUT_S = 5.0
+#: how often the leader rebuilds its placement views (leases run out between reports)
+REFRESH_S = 0.25
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionPlane:
+    functions: FunctionService
+    dispatcher: Dispatcher
+    nodes: NodeService
+    feed: PlacementFeed
+
+
+def build_execution_plane(
+    config: Config,
+    *,
+    mesh: ClusterHandle,
+    spearlet: Spearlet,
+    state: SmsState,
+    leader: LeaderServices,
+) -> ExecutionPlane:
+    """The plane's parts, wired to each other (started by `serve_execution_plane`)."""
+    node_id = spearlet.node_id
+    replicator = mesh.replicator
+
+    def taking_as_leader() -> bool:
+        return leader.service is not None and replicator.leads_now()
+
+    async def deliver(result: ExecutionResult) -> ResultAck | None:
+        if taking_as_leader():
+            assert leader.service is not None
+            return await leader.service.on_result(result)
+        address = mesh.leader_mesh()
+        if address is None:
+            return None
+        reply = await mesh.transport.request(address, result, timeout_s=RESULT_TIMEOUT_S)
+        return reply if isinstance(reply, ResultAck) else None
+
+    functions = FunctionService(spearlet=spearlet, deliver=deliver, ensure_file=mesh.ensure_file)
+    dispatcher = Dispatcher(
+        spearlet=spearlet,
+        functions=functions,
+        placer=Placer(rng=random.Random()),
+        request=mesh.request,
+        send=mesh.send,
+        term=lambda: replicator.soft_state.term,
+        lease_s=config.sms.spearlet_lease_ms / 1000,
+    )
+    local = mesh.gossip.member(node_id)
+    assert local is not None
+    nodes = NodeService(
+        local=local.meta,
+        state=state,
+        commit=replicator.commit,
+        interval_s=config.node.report_interval_ms / 1000,
+        members=mesh.gossip.members,
+        voters=lambda: replicator.core.voters,
+        term=lambda: replicator.soft_state.term,
+    )
+    feed = PlacementFeed(
+        dispatcher=dispatcher, nodes=nodes, state=state, members=mesh.gossip.members
+    )
+    return ExecutionPlane(functions=functions, dispatcher=dispatcher, nodes=nodes, feed=feed)
+
+
+async def serve_execution_plane(
+    config: Config,
+    plane: ExecutionPlane,
+    *,
+    mesh: ClusterHandle,
+    spearlet: Spearlet,
+    host: HostMetrics,
+    runtimes: tuple[str, ...],
+    leader: LeaderServices,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the execution plane until cancelled (see the module docstring)."""
+    replicator = mesh.replicator
+    lease_s = config.sms.spearlet_lease_ms / 1000
+    interval_s = config.node.report_interval_ms / 1000
+    functions, feed = plane.functions, plane.feed
+
+    def taking_as_leader() -> bool:
+        return leader.service is not None and replicator.leads_now()
+
+    def make_report(seq: int) -> NodeReport:
+        resources = host.sample()
+        cpu_count = resources.get("cpu_count")
+        return NodeReport(
+            node_id=spearlet.node_id,
+            seq=seq,
+            resources=resources,
+            slots=resolve_slots(
+                config.node.max_running, cpu_count if isinstance(cpu_count, int) else 1
+            ),
+            running=spearlet.running_count(),
+            pools=pool_gauges(spearlet.statistics()["pools"]),
+            runtimes=runtimes,
+        )
+
+    # above every seq of this node's earlier runs: the incarnation rises at every start
+    seq = [mesh.incarnation]
+
+    def next_seq() -> int:
+        seq[0] += 1
+        return seq[0]
+
+    send = report_sender(
+        registry=feed,
+        leads=taking_as_leader,
+        leader_address=mesh.leader_mesh,
+        transport=mesh.transport,
+        timeout_s=interval_s,
+    )
+
+    def on_ack(ack: ReportAck, sent_at: float) -> None:
+        functions.renew(ack.term, sent_at, lease_s)
+
+    def on_term_start() -> None:
+        # The new leader hears itself at once: its own Spearlet is placeable before the
+        # first interval, and holds a lease for async work.
+        now = trio.current_time()
+        on_ack(feed.on_report(make_report(next_seq()), now), now)
+
+    plane.dispatcher.on_term_start = on_term_start
+
+    async def wake() -> None:
+        await leader.wait_change()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functions.serve)
+        nursery.start_soon(_route, mesh.app_inbound, plane, leader, taking_as_leader, nursery)
+        nursery.start_soon(_refresh_views, plane, leader)
+        await nursery.start(
+            lambda task_status: serve_reports(
+                interval_s=interval_s,
+                make_report=lambda _: make_report(next_seq()),
+                send=send,
+                on_ack=on_ack,
+                wake=wake,
+                task_status=task_status,
+            )
+        )
+        task_status.started()
+
+
+async def _route(
+    inbound_channel: trio.MemoryReceiveChannel[Inbound],
+    plane: ExecutionPlane,
+    leader: LeaderServices,
+    taking_as_leader: Callable[[], bool],
+    nursery: trio.Nursery,
+) -> None:
+    async for inbound in inbound_channel:
+        message = inbound.message
+        reply = inbound.reply
+        if isinstance(message, DispatchCancel):
+            plane.functions.cancel(message)
+        elif reply is None:
+            continue
+        elif isinstance(message, Dispatch):
+            nursery.start_soon(_answer_dispatch, plane.functions, message, inbound)
+        elif isinstance(message, NodeReport):
+            now = trio.current_time()
+            await answer_report(inbound, plane.feed, leading=taking_as_leader(), now=now)
+        elif isinstance(message, ExecutionResult):
+            nursery.start_soon(_answer_result, leader, message, inbound, taking_as_leader)
+
+
+async def _answer_dispatch(functions: FunctionService, message: Dispatch, inbound: Inbound) -> None:
+    assert inbound.reply is not None
+    await inbound.reply.send(await functions.handle(message))
+
+
+async def _answer_result(
+    leader: LeaderServices,
+    message: ExecutionResult,
+    inbound: Inbound,
+    taking_as_leader: Callable[[], bool],
+) -> None:
+    assert inbound.reply is not None
+    ack = None
+    service = leader.service
+    if service is not None and taking_as_leader():
+        ack = await service.on_result(message)
+    if ack is None:
+        inbound.reply.fail_nowait("not_leader", "this node does not take results now")
+    else:
+        await inbound.reply.send(ack)
+
+
+async def _refresh_views(plane: ExecutionPlane, leader: LeaderServices) -> None:
+    while True:
+        if leader.service is not None:
+            plane.feed.refresh(trio.current_time())
+        await trio.sleep(REFRESH_S)
