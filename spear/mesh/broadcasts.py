@@ -8,7 +8,7 @@ this queue, is what guarantees completeness (research/mesh.md §1.5).
 
 from __future__ import annotations
 
-import bisect
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -30,25 +30,24 @@ class _Queued:
     seq: int
     transmits: int = 0
 
-    @property
-    def key(self) -> tuple[int, str]:
-        return (self.seq, self.update.node_id)
-
 
 class BroadcastQueue:
     """Updates waiting to be piggybacked or gossiped, one per subject node.
 
-    Updates are kept in tiers by transmission count, each tier a list sorted by queue order,
-    so taking the few least-sent, newest updates does not scan the whole queue (a mass join
-    queues one update per member).
+    Updates are kept in tiers by transmission count, each tier a heap of negated queue
+    numbers (newest first), so taking the few least-sent, newest updates costs O(log n)
+    per update rather than a scan or a sorted insert (a mass join queues one update per
+    member on every member). A replaced update leaves a stale number in its heap, skipped
+    when it surfaces.
     """
 
-    __slots__ = ("_by_node", "_mult", "_seq", "_tiers")
+    __slots__ = ("_by_node", "_by_seq", "_mult", "_seq", "_tiers")
 
     def __init__(self, retransmit_mult: int) -> None:
         self._mult = retransmit_mult
         self._by_node: dict[str, _Queued] = {}
-        self._tiers: dict[int, list[tuple[int, str]]] = {}
+        self._by_seq: dict[int, _Queued] = {}
+        self._tiers: dict[int, list[int]] = {}
         self._seq = 0
 
     def __len__(self) -> int:
@@ -58,11 +57,12 @@ class BroadcastQueue:
         """Queue `update`, replacing (invalidating) any queued update about the same node."""
         old = self._by_node.get(update.node_id)
         if old is not None:
-            self._unlink(old)
+            del self._by_seq[old.seq]
         self._seq += 1
         item = _Queued(update=update, seq=self._seq)
         self._by_node[update.node_id] = item
-        self._tiers.setdefault(0, []).append(item.key)  # the newest: the list stays sorted
+        self._by_seq[item.seq] = item
+        heapq.heappush(self._tiers.setdefault(0, []), -item.seq)
 
     def take(self, limit: int, n: int, *, recipient: str = "") -> tuple[Update, ...]:
         """Up to `limit` updates to send now, counting one transmission for each.
@@ -73,36 +73,39 @@ class BroadcastQueue:
             recipient: node id of the receiver, if known: its own alive update is not sent
                 to it (it would learn nothing and the transmission would be wasted).
         """
-        chosen: list[_Queued] = []
-        if limit <= 0:
+        if limit <= 0 or not self._by_node:
             return ()
-        for transmits in sorted(self._tiers):
-            for _, node_id in reversed(self._tiers[transmits]):
-                item = self._by_node[node_id]
-                if node_id == recipient and isinstance(item.update, AliveUpdate):
+        chosen: list[_Queued] = []
+        by_seq, tiers = self._by_seq, self._tiers
+        for transmits in sorted(tiers):
+            heap = tiers[transmits]
+            skipped: list[int] = []
+            while heap and len(chosen) < limit:
+                key = heapq.heappop(heap)
+                item = by_seq.get(-key)
+                if item is None or item.transmits != transmits:
+                    continue  # replaced by a newer update, or sent its budget
+                if item.update.node_id == recipient and isinstance(item.update, AliveUpdate):
+                    skipped.append(key)
                     continue
                 chosen.append(item)
-                if len(chosen) >= limit:
-                    break
+            for key in skipped:
+                heapq.heappush(heap, key)
+            if not heap:
+                del tiers[transmits]
             if len(chosen) >= limit:
                 break
         budget = retransmit_limit(self._mult, n)
         for item in chosen:
-            self._unlink(item)
             item.transmits += 1
             if item.transmits >= budget:
                 del self._by_node[item.update.node_id]
+                del by_seq[item.seq]
             else:
-                bisect.insort(self._tiers.setdefault(item.transmits, []), item.key)
+                heapq.heappush(tiers.setdefault(item.transmits, []), -item.seq)
         return tuple(item.update for item in chosen)
 
     def pending(self, node_id: str) -> Update | None:
         """The queued update about `node_id`, if any."""
         item = self._by_node.get(node_id)
         return None if item is None else item.update
-
-    def _unlink(self, item: _Queued) -> None:
-        tier = self._tiers[item.transmits]
-        del tier[bisect.bisect_left(tier, item.key)]
-        if not tier:
-            del self._tiers[item.transmits]

@@ -17,7 +17,7 @@ Every accepted change is queued for dissemination and reported as an event.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from spear.mesh.awareness import Awareness
@@ -46,6 +46,22 @@ class MemberRecord:
     state: MemberState
     incarnation: int
     changed_at: float
+    #: the push-pull entry last built for this record (rebuilt when it no longer matches)
+    entry: MemberEntry | None = field(default=None, compare=False, repr=False)
+
+    def as_entry(self) -> MemberEntry:
+        """This record as a push-pull entry (cached: a large table is sent whole often)."""
+        entry = self.entry
+        if (
+            entry is None
+            or entry.incarnation != self.incarnation
+            or entry.state != self.state
+            or entry.meta is not self.meta
+        ):
+            entry = self.entry = MemberEntry(
+                meta=self.meta, incarnation=self.incarnation, state=str(self.state)
+            )
+        return entry
 
     def view(self) -> Member:
         return Member(
@@ -106,15 +122,22 @@ class MemberTable:
 
     def entries(self) -> tuple[MemberEntry, ...]:
         """The whole table as push-pull entries."""
-        return tuple(
-            MemberEntry(meta=r.meta, incarnation=r.incarnation, state=str(r.state))
-            for r in self.records.values()
-        )
+        return tuple(r.as_entry() for r in self.records.values())
 
     def apply_updates(self, updates: Iterable[object], now: float) -> None:
         """Apply gossiped updates in order; anything else in the tuple is ignored."""
+        records, own = self.records, self.own
         for update in updates:
             if isinstance(update, AliveUpdate):
+                # Most updates in a large cluster are news already heard: the same verdict
+                # as apply_alive's, without the call.
+                record = records.get(update.node_id)
+                if (
+                    record is not None
+                    and record is not own
+                    and update.incarnation <= record.incarnation
+                ):
+                    continue
                 self.apply_alive(update, now)
             elif isinstance(update, SuspectUpdate):
                 self.apply_suspect(update, now)
@@ -125,6 +148,9 @@ class MemberTable:
         """Merge one push-pull entry from `sender` (anti-entropy)."""
         node_id, incarnation = entry.meta.node_id, entry.incarnation
         if entry.state == MemberState.ALIVE:
+            record = self.records.get(node_id)
+            if record is not None and record is not self.own and incarnation <= record.incarnation:
+                return  # what apply_alive would decide, without building the update
             self.apply_alive(
                 AliveUpdate(node_id=node_id, incarnation=incarnation, meta=entry.meta), now
             )

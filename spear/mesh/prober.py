@@ -137,11 +137,13 @@ class Prober:
         target = self._table.order.next(self._probeable)
         if target is None:
             return
-        address = self._table.records[target].meta.mesh_address
+        record = self._table.records[target]
+        address = record.meta.mesh_address
         self._probe = ProbeRound(
             seq=self._next_seq(),
             target_id=target,
             target_address=address,
+            incarnation=record.incarnation,
             direct_deadline=now + self._awareness.scale(self._timings.probe_timeout_s),
             end=self._next_probe,
         )
@@ -201,8 +203,11 @@ class Prober:
         self._awareness.apply(max(0, missed))
         record = self._table.records.get(probe.target_id)
         if record is not None and record.state not in GONE:
+            # The incarnation probed, not the current one (as memberlist does): a member that
+            # restarted at a new address meanwhile is not accused for its old address's
+            # silence (the table ignores a suspicion below the incarnation it holds).
             accusation = SuspectUpdate(
-                node_id=probe.target_id, incarnation=record.incarnation, accuser=self._table.own_id
+                node_id=probe.target_id, incarnation=probe.incarnation, accuser=self._table.own_id
             )
             self._table.apply_suspect(accusation, now)
 

@@ -18,26 +18,31 @@ if TYPE_CHECKING:
 class ProbeOrder:
     """A shuffled ring of node ids walked one probe at a time."""
 
-    __slots__ = ("_ids", "_index", "_rng")
+    __slots__ = ("_ids", "_index", "_members", "_rng")
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
         self._ids: list[str] = []
+        # The same ids as a set: a join storm adds n members to each of n tables, and a
+        # membership test on the list would make that cubic.
+        self._members: set[str] = set()
         self._index = 0
 
     def __contains__(self, node_id: object) -> bool:
-        return node_id in self._ids
+        return node_id in self._members
 
     def add(self, node_id: str) -> None:
         """Insert a new member at a random position (never twice)."""
-        if node_id in self._ids:
+        if node_id in self._members:
             return
-        self._ids.insert(self._rng.randint(0, len(self._ids)), node_id)
+        self._members.add(node_id)
+        self._ids.insert(self._rng.randrange(len(self._ids) + 1), node_id)  # = randint(0, n)
 
     def remove(self, node_id: str) -> None:
         """Forget a member, keeping the walk's position over the others."""
-        if node_id not in self._ids:
+        if node_id not in self._members:
             return
+        self._members.discard(node_id)
         position = self._ids.index(node_id)
         del self._ids[position]
         if position < self._index:
@@ -89,6 +94,8 @@ class ProbeRound:
     target_address: str
     direct_deadline: float
     end: float
+    #: the target's incarnation when the round started: a silence convicts only that one
+    incarnation: int = 0
     indirect_sent: bool = False
     expected_nacks: int = 0
     nacks: int = 0

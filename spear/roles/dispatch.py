@@ -13,6 +13,10 @@ Two pure cores hold the rules, so that the simulator can drive them too:
   keeps the Spearlet's *lease*: an async dispatch is taken only while the Spearlet holds a lease,
   renewed by each acknowledged resource report for `lease_s` from the moment the report was
   *sent*. When the lease lapses the Spearlet cancels its async executions itself.
+  Each lease a Spearlet regains after it lapsed is a new *epoch*, carried in its reports; an
+  async dispatch carries the epoch the leader last heard of, and one from an older epoch (a
+  dispatch held up in a partition that outlived the lease) is refused: the leader may have
+  run that attempt elsewhere meanwhile.
 - `LeaseBook` (on the leader): when it last heard each Spearlet. It declares a Spearlet's work
   lost only once `lease_s` plus a margin have passed since then, that is after the Spearlet has
   certainly stopped it; only then is an attempt run again elsewhere. A new leader counts from
@@ -32,7 +36,9 @@ from spear.model import RetrySpec
 LEASE_MARGIN_SHARE = 0.1
 LEASE_MARGIN_MIN_S = 0.2
 
-RefusalCode = Literal["stale_term", "duplicate", "no_lease", "refused"]
+RefusalCode = Literal["stale_term", "duplicate", "no_lease", "stale_lease", "superseded", "refused"]
+#: attempts a Spearlet remembers having answered "not held" for (it refuses them later)
+MAX_TOMBSTONES = 10_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +54,7 @@ class Dispatch:
     data: bytes
     timeout_ms: int  # what is left of the invocation's one deadline
     acquire_timeout_ms: int  # -1: wait for an instance until the deadline
+    lease_epoch: int = 0  # async: the Spearlet's lease epoch the leader last heard of
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +82,24 @@ class DispatchCancel:
     term: int
     leader_id: str
     execution_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DispatchProbe:
+    """Does this Spearlet still hold these attempts, running or with a result to deliver?
+    (request, leader -> Spearlet). One answered "no" is refused if its dispatch comes later."""
+
+    term: int
+    leader_id: str
+    execution_ids: tuple[str, ...]
+    attempts: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeAnswer:
+    """For each probed attempt, in order: whether it is held here."""
+
+    held: tuple[bool, ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +135,8 @@ DISPATCH_MESSAGES: dict[str, type] = {
     "dispatch.cancel": DispatchCancel,
     "dispatch.result": ExecutionResult,
     "dispatch.result_ack": ResultAck,
+    "dispatch.probe": DispatchProbe,
+    "dispatch.probe_answer": ProbeAnswer,
 }
 
 
@@ -126,13 +153,19 @@ class Fence:
     def __init__(self) -> None:
         self.term = 0
         self.lease_until = -math.inf
+        self.epoch = 0
         self._running: dict[str, _Running] = {}
+        self._tombstones: dict[tuple[str, int], None] = {}  # insertion-ordered, bounded
 
-    def renew(self, term: int, sent_at: float, lease_s: float) -> None:
-        """A leader of `term` acknowledged the report this Spearlet sent at `sent_at`."""
+    def renew(self, term: int, sent_at: float, lease_s: float, *, now: float | None = None) -> None:
+        """A leader of `term` acknowledged the report this Spearlet sent at `sent_at`; `now`
+        (default `sent_at`) is when the ack came: a lease regained after it lapsed is a new
+        epoch."""
         if term < self.term:
             return
         self.term = term
+        if not self.holds_lease(sent_at if now is None else now):
+            self.epoch += 1
         self.lease_until = max(self.lease_until, sent_at + lease_s)
 
     def holds_lease(self, now: float) -> bool:
@@ -153,8 +186,17 @@ class Fence:
             )
         if dispatch.execution_id in self._running:
             return "duplicate", f"execution {dispatch.execution_id} is already running here"
+        if (dispatch.execution_id, dispatch.attempt) in self._tombstones:
+            return "superseded", (
+                f"attempt {dispatch.attempt} of {dispatch.execution_id} was given up here"
+            )
         if dispatch.mode == "async" and not self.holds_lease(now):
             return "no_lease", "this node holds no lease from the leader yet (or it lapsed)"
+        if dispatch.mode == "async" and dispatch.lease_epoch != self.epoch:
+            return "stale_lease", (
+                f"dispatch for lease epoch {dispatch.lease_epoch}; this node holds epoch"
+                f" {self.epoch} (its lease lapsed since: the attempt may run elsewhere)"
+            )
         self._running[dispatch.execution_id] = _Running(
             attempt=dispatch.attempt, term=dispatch.term, mode=dispatch.mode
         )
@@ -165,6 +207,16 @@ class Fence:
 
     def running(self, execution_id: str) -> bool:
         return execution_id in self._running
+
+    def probe(self, execution_id: str, attempt: int) -> bool:
+        """Whether that attempt runs here; if not, it is refused should its dispatch come."""
+        running = self._running.get(execution_id)
+        if running is not None and running.attempt == attempt:
+            return True
+        self._tombstones[(execution_id, attempt)] = None
+        while len(self._tombstones) > MAX_TOMBSTONES:
+            del self._tombstones[next(iter(self._tombstones))]
+        return False
 
     def lapsed(self, now: float) -> list[str]:
         """The async executions to stop because the lease lapsed."""
@@ -185,9 +237,17 @@ class LeaseBook:
         self.margin_s = max(LEASE_MARGIN_MIN_S, lease_s * LEASE_MARGIN_SHARE)
         self._since = since
         self._heard: dict[str, float] = {}
+        self._epochs: dict[str, int] = {}
 
-    def heard(self, node_id: str, now: float) -> None:
-        self._heard[node_id] = max(now, self._heard.get(node_id, -math.inf))
+    def heard(self, node_id: str, now: float, epoch: int = 0) -> None:
+        """A report of the node (with its lease epoch then) came at `now`."""
+        if now >= self._heard.get(node_id, -math.inf):
+            self._heard[node_id] = now
+            self._epochs[node_id] = epoch
+
+    def epoch_of(self, node_id: str) -> int:
+        """The lease epoch of the node's latest report (stamped on async dispatches)."""
+        return self._epochs.get(node_id, 0)
 
     def last_heard(self, node_id: str) -> float:
         return max(self._heard.get(node_id, -math.inf), self._since)

@@ -29,9 +29,11 @@ from spear.roles.dispatch import (
     Dispatch,
     DispatchAccepted,
     DispatchCancel,
+    DispatchProbe,
     DispatchRefused,
     ExecutionResult,
     LeaseBook,
+    ProbeAnswer,
 )
 from spear.roles.function_service import FunctionService, outcome_of
 from spear.roles.placement import Demand, Placer, Ticket
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 REPLY_GRACE_S = 5.0
 #: how long to wait for a Spearlet to take an async dispatch
 ACCEPT_TIMEOUT_S = 10.0
+#: how long to wait for a Spearlet to answer a probe of its attempts
+PROBE_TIMEOUT_S = 5.0
 
 Request = Callable[[str, object, float], Awaitable[Any]]
 Send = Callable[[str, object], None]
@@ -118,6 +122,7 @@ class Dispatcher:
 
     def _dispatch(
         self,
+        node_id: str,
         task: TaskRecord,
         execution_id: str,
         attempt: int,
@@ -136,6 +141,12 @@ class Dispatcher:
             data=data,
             timeout_ms=max(1, int(timeout_s * 1000)),
             acquire_timeout_ms=-1 if acquire_timeout_s is None else int(acquire_timeout_s * 1000),
+            # to itself the leader dispatches in one call: nothing is held up on the way
+            lease_epoch=(
+                self._functions.fence.epoch
+                if node_id == self.node_id
+                else self.leases.epoch_of(node_id)
+            ),
         )
 
     # --- sync --------------------------------------------------------------------------------
@@ -187,7 +198,7 @@ class Dispatcher:
         budget = self._spearlet.function_spec(task).timeout_s
         if timeout_s is not None:
             budget = min(budget, timeout_s)
-        message = self._dispatch(task, execution_id, 1, data, "sync", budget, None)
+        message = self._dispatch(node_id, task, execution_id, 1, data, "sync", budget, None)
         try:
             reply = await self._request(node_id, message, budget + REPLY_GRACE_S)
         except PeerUnreachableError:
@@ -221,7 +232,9 @@ class Dispatcher:
         Raises:
             DispatchRefusedError: it certainly did not start (the caller releases the ticket).
         """
-        message = self._dispatch(task, execution_id, attempt, data, "async", timeout_s, None)
+        message = self._dispatch(
+            node_id, task, execution_id, attempt, data, "async", timeout_s, None
+        )
         try:
             if node_id == self.node_id:
                 reply: object = await self._functions.handle(message)
@@ -237,6 +250,26 @@ class Dispatcher:
         if isinstance(reply, DispatchRefused):
             raise _refusal_error(node_id, reply)
         raise DispatchRefusedError(node_id, "refused", f"unexpected reply {type(reply).__name__}")
+
+    async def probe(self, node_id: str, attempts: list[tuple[str, int]]) -> list[bool] | None:
+        """Which of these attempts the node still holds; None if it did not answer."""
+        message = DispatchProbe(
+            term=self._term(),
+            leader_id=self.node_id,
+            execution_ids=tuple(e for e, _ in attempts),
+            attempts=tuple(a for _, a in attempts),
+        )
+        if node_id == self.node_id:
+            reply: object = self._functions.probe(message)
+        else:
+            try:
+                reply = await self._request(node_id, message, PROBE_TIMEOUT_S)
+            except SpearError as exc:
+                log.info("probe of %s unanswered: %s", node_id, exc)
+                return None
+        if not isinstance(reply, ProbeAnswer) or len(reply.held) != len(attempts):
+            return None
+        return list(reply.held)
 
     def cancel(self, node_id: str, execution_id: str) -> None:
         """Ask a node to stop an execution (one-way; its result says how it ended)."""

@@ -30,6 +30,7 @@ from spear.roles.dispatch import (
     DISPATCH_MESSAGES,
     Dispatch,
     DispatchCancel,
+    DispatchProbe,
     ExecutionResult,
     ResultAck,
 )
@@ -155,6 +156,7 @@ async def serve_execution_plane(
             running=spearlet.running_count(),
             pools=pool_gauges(spearlet.statistics()["pools"]),
             runtimes=runtimes,
+            lease_epoch=functions.fence.epoch,
         )
 
     # above every seq of this node's earlier runs: the incarnation rises at every start
@@ -215,6 +217,8 @@ async def _route(
         reply = inbound.reply
         if isinstance(message, DispatchCancel):
             plane.functions.cancel(message)
+        elif isinstance(message, DispatchProbe) and reply is not None:
+            await reply.send(plane.functions.probe(message))
         elif reply is None:
             continue
         elif isinstance(message, Dispatch):

@@ -27,9 +27,11 @@ from spear.roles.dispatch import (
     Dispatch,
     DispatchAccepted,
     DispatchCancel,
+    DispatchProbe,
     DispatchRefused,
     ExecutionResult,
     Fence,
+    ProbeAnswer,
     ResultAck,
 )
 from spear.roles.spearlet import Spearlet
@@ -119,7 +121,7 @@ class FunctionService:
 
     def renew(self, term: int, sent_at: float, lease_s: float) -> None:
         """A leader acknowledged the report sent at `sent_at` (trio time): extend the lease."""
-        self.fence.renew(term, sent_at, lease_s)
+        self.fence.renew(term, sent_at, lease_s, now=trio.current_time())
         self._lease_changed.set()
         self._lease_changed = trio.Event()
 
@@ -181,6 +183,17 @@ class FunctionService:
     def _note_change(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    def probe(self, message: DispatchProbe) -> ProbeAnswer:
+        """Which of the probed attempts this node holds (running, or a result to deliver);
+        one it does not hold is refused if its dispatch arrives later."""
+        if not self.fence.observe(message.term):
+            return ProbeAnswer(held=tuple(True for _ in message.attempts))  # not answered
+        held = []
+        for execution_id, attempt in zip(message.execution_ids, message.attempts, strict=False):
+            pending = _Key(execution_id, attempt) in self._outbox
+            held.append(pending or self.fence.probe(execution_id, attempt))
+        return ProbeAnswer(held=tuple(held))
 
     def holds(self, execution_id: str) -> bool:
         """Whether an execution runs here, or its result waits here for the leader."""

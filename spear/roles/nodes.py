@@ -65,6 +65,7 @@ class NodeReport:
     running: int
     pools: dict[str, dict[str, int]]
     runtimes: tuple[str, ...]
+    lease_epoch: int = 0  # the epoch of the dispatch lease the node holds (spear.roles.dispatch)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

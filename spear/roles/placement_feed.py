@@ -37,7 +37,7 @@ class PlacementFeed:
     def on_report(self, report: NodeReport, now: float) -> ReportAck:
         """A node's report reached the leader: registry, lease and view."""
         ack = self._nodes.on_report(report, now)
-        self._dispatcher.leases.heard(report.node_id, now)
+        self._dispatcher.leases.heard(report.node_id, now, report.lease_epoch)
         self.refresh(now)
         return ack
 

@@ -66,6 +66,7 @@ class _InFlight:
     node_id: str
     attempt: int
     ticket: Ticket | None
+    since: float  # trio time it was dispatched (or adopted by this leader)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -404,7 +405,9 @@ class TaskService:
             except BaseException:
                 self._dispatcher.placer.release(ticket)
                 raise
-            self._inflight[execution_id] = _InFlight(ticket.node_id, attempt, ticket)
+            self._inflight[execution_id] = _InFlight(
+                ticket.node_id, attempt, ticket, trio.current_time()
+            )
         data = await trio.to_thread.run_sync(self._state.execution_blob, "execin", execution_id)
         timeout_s = self._spearlet.function_spec(task).timeout_s
         try:
@@ -523,8 +526,15 @@ class TaskService:
         self._notify(record.execution_id)
 
     async def _watch_leases(self) -> None:
-        """Declare the attempts of Spearlets whose lease is lost, and retry them elsewhere."""
+        """Declare the attempts of Spearlets whose lease is lost, and retry them elsewhere;
+        every lease period, probe the live Spearlets for the attempts they have not answered
+        for a lease period (a dispatch or result lost on the way, a restart within the
+        lease), and declare those they no longer hold."""
+        last_probe = trio.current_time()
         while True:
+            if trio.current_time() - last_probe >= self._dispatcher.leases.lease_s:
+                last_probe = trio.current_time()
+                await self._probe_attempts(last_probe)
             now = trio.current_time()
             leases = self._dispatcher.leases
             lost = [
@@ -553,6 +563,40 @@ class TaskService:
                     log.warning("async execution %s: %s", execution_id, message)
                     await self._settle(record, outcome, flight.node_id)
             await trio.sleep(LEASE_CHECK_S)
+
+    async def _probe_attempts(self, now: float) -> None:
+        leases = self._dispatcher.leases
+        by_node: dict[str, list[tuple[ExecutionId, _InFlight]]] = {}
+        for execution_id, flight in self._inflight.items():
+            if now - flight.since >= leases.lease_s and not leases.lost(flight.node_id, now):
+                by_node.setdefault(flight.node_id, []).append((execution_id, flight))
+        async with trio.open_nursery() as nursery:
+            for node_id, flights in by_node.items():
+                nursery.start_soon(self._probe_node, node_id, flights)
+
+    async def _probe_node(self, node_id: str, flights: list[tuple[ExecutionId, _InFlight]]) -> None:
+        held = await self._dispatcher.probe(node_id, [(e, f.attempt) for e, f in flights])
+        if held is None:
+            return  # unanswered: its lease decides
+        for (execution_id, flight), is_held in zip(flights, held, strict=True):
+            if is_held:
+                continue
+            async with self._async_lock:
+                record = self._state.execution(execution_id)
+                if self._inflight.get(execution_id) is not flight or record is None:
+                    continue
+                self._release(execution_id)
+                if record.status is not ExecStatus.RUNNING or record.attempts != flight.attempt:
+                    continue
+                message = (
+                    f"node {node_id} no longer held attempt {flight.attempt} (its dispatch or"
+                    " its result was lost on the way, or the node restarted)"
+                )
+                log.warning("async execution %s: %s", execution_id, message)
+                outcome = RunOutcome(
+                    status=ExecStatus.FAILED, error_code=ErrorCode.NODE_LOST, error_message=message
+                )
+                await self._settle(record, outcome, node_id)
 
     def _notify(self, execution_id: ExecutionId) -> None:
         event = self._waiters.pop(execution_id, None)
@@ -599,7 +643,9 @@ class TaskService:
                 self._nursery = nursery
                 for record in unfinished:
                     if record.status is ExecStatus.RUNNING and record.node_id is not None:
-                        flight = _InFlight(record.node_id, record.attempts, None)
+                        flight = _InFlight(
+                            record.node_id, record.attempts, None, trio.current_time()
+                        )
                         self._inflight[record.execution_id] = flight
                         if record.node_id == self.node_id and not self._functions.holds(
                             record.execution_id

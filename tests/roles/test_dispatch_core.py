@@ -18,7 +18,12 @@ from spear.roles.dispatch import (
 
 
 def dispatch(
-    execution_id: str = "ex-1", *, term: int = 1, mode: str = "async", attempt: int = 1
+    execution_id: str = "ex-1",
+    *,
+    term: int = 1,
+    mode: str = "async",
+    attempt: int = 1,
+    epoch: int = 1,
 ) -> Dispatch:
     return Dispatch(
         term=term,
@@ -30,6 +35,7 @@ def dispatch(
         data=b"",
         timeout_ms=1000,
         acquire_timeout_ms=-1,
+        lease_epoch=epoch,
     )
 
 
@@ -116,3 +122,29 @@ def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
         assert max(delays) - min(delays) > base / 4  # jittered, not fixed
     assert retry_delay_s(retry, 0, rng) == 0.0
     assert retry_delay_s(RetrySpec(backoff_ms=0), 3, rng) == 0.0
+
+
+def test_a_lease_regained_after_it_lapsed_is_a_new_epoch() -> None:
+    fence = Fence()
+    fence.renew(term=1, sent_at=0.0, lease_s=4.0, now=0.1)
+    assert fence.epoch == 1
+    fence.renew(term=1, sent_at=1.0, lease_s=4.0, now=1.1)  # renewed in time: same epoch
+    assert fence.epoch == 1
+    assert fence.admit(dispatch("ex-b", epoch=1), now=2.0) is None
+    fence.renew(term=1, sent_at=9.0, lease_s=4.0, now=9.1)  # lapsed at 5.0: a new epoch
+    assert fence.epoch == 2
+    # a dispatch sent under the old lease, held up past its lapse, is refused
+    refusal = fence.admit(dispatch("ex-c", epoch=1), now=9.2)
+    assert refusal is not None and refusal[0] == "stale_lease"
+
+
+def test_an_attempt_probed_as_not_held_is_refused_when_its_dispatch_comes() -> None:
+    fence = Fence()
+    fence.renew(term=1, sent_at=0.0, lease_s=4.0)
+    assert fence.admit(dispatch("ex-1"), now=1.0) is None
+    assert fence.probe("ex-1", 1)
+    assert not fence.probe("ex-2", 1)
+    refusal = fence.admit(dispatch("ex-2"), now=1.0)
+    assert refusal is not None and refusal[0] == "superseded"
+    # the next attempt of that execution is a different dispatch: it is taken
+    assert fence.admit(dispatch("ex-2", attempt=2), now=1.0) is None
