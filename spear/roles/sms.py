@@ -543,25 +543,11 @@ class TaskService:
                 if leases.lost(flight.node_id, now)
             ]
             for execution_id, flight in lost:
-                async with self._async_lock:
-                    record = self._state.execution(execution_id)
-                    current = self._inflight.get(execution_id)
-                    if current is not flight or record is None:
-                        continue
-                    self._release(execution_id)
-                    if record.status is not ExecStatus.RUNNING or record.attempts != flight.attempt:
-                        continue
-                    message = (
-                        f"node {flight.node_id} was lost while it ran attempt {flight.attempt}"
-                        f" (no report for {leases.lease_s:g} s, sms.spearlet_lease_ms)"
-                    )
-                    outcome = RunOutcome(
-                        status=ExecStatus.FAILED,
-                        error_code=ErrorCode.NODE_LOST,
-                        error_message=message,
-                    )
-                    log.warning("async execution %s: %s", execution_id, message)
-                    await self._settle(record, outcome, flight.node_id)
+                message = (
+                    f"node {flight.node_id} was lost while it ran attempt {flight.attempt}"
+                    f" (no report for {leases.lease_s:g} s, sms.spearlet_lease_ms)"
+                )
+                await self._lose_attempt(execution_id, flight, message)
             await trio.sleep(LEASE_CHECK_S)
 
     async def _probe_attempts(self, now: float) -> None:
@@ -579,24 +565,30 @@ class TaskService:
         if held is None:
             return  # unanswered: its lease decides
         for (execution_id, flight), is_held in zip(flights, held, strict=True):
-            if is_held:
-                continue
-            async with self._async_lock:
-                record = self._state.execution(execution_id)
-                if self._inflight.get(execution_id) is not flight or record is None:
-                    continue
-                self._release(execution_id)
-                if record.status is not ExecStatus.RUNNING or record.attempts != flight.attempt:
-                    continue
+            if not is_held:
                 message = (
                     f"node {node_id} no longer held attempt {flight.attempt} (its dispatch or"
                     " its result was lost on the way, or the node restarted)"
                 )
-                log.warning("async execution %s: %s", execution_id, message)
-                outcome = RunOutcome(
-                    status=ExecStatus.FAILED, error_code=ErrorCode.NODE_LOST, error_message=message
-                )
-                await self._settle(record, outcome, node_id)
+                await self._lose_attempt(execution_id, flight, message)
+
+    async def _lose_attempt(
+        self, execution_id: ExecutionId, flight: _InFlight, message: str
+    ) -> None:
+        """Settle an attempt that is still the one in flight as failed `node_lost` (retried
+        per the task's policy)."""
+        async with self._async_lock:
+            record = self._state.execution(execution_id)
+            if self._inflight.get(execution_id) is not flight or record is None:
+                return
+            self._release(execution_id)
+            if record.status is not ExecStatus.RUNNING or record.attempts != flight.attempt:
+                return
+            log.warning("async execution %s: %s", execution_id, message)
+            outcome = RunOutcome(
+                status=ExecStatus.FAILED, error_code=ErrorCode.NODE_LOST, error_message=message
+            )
+            await self._settle(record, outcome, flight.node_id)
 
     def _notify(self, execution_id: ExecutionId) -> None:
         event = self._waiters.pop(execution_id, None)
@@ -650,7 +642,12 @@ class TaskService:
                         if record.node_id == self.node_id and not self._functions.holds(
                             record.execution_id
                         ):
-                            nursery.start_soon(self._lost_here, record.execution_id, flight)
+                            message = (
+                                f"node {self.node_id} stopped while it ran attempt {flight.attempt}"
+                            )
+                            nursery.start_soon(
+                                self._lose_attempt, record.execution_id, flight, message
+                            )
                     else:
                         self._schedule(record.execution_id, record.retry_at)
                 for _ in range(self._config.async_workers):
@@ -697,18 +694,6 @@ class TaskService:
                     "execution %s stays running until its lease is lost: %s", execution_id, exc
                 )
                 return
-
-    async def _lost_here(self, execution_id: ExecutionId, flight: _InFlight) -> None:
-        async with self._async_lock:
-            record = self._state.execution(execution_id)
-            if self._inflight.get(execution_id) is not flight or record is None:
-                return
-            self._release(execution_id)
-            message = f"node {self.node_id} stopped while it ran attempt {flight.attempt}"
-            outcome = RunOutcome(
-                status=ExecStatus.FAILED, error_code=ErrorCode.NODE_LOST, error_message=message
-            )
-            await self._settle(record, outcome, self.node_id)
 
     async def _async_worker(self) -> None:
         async for execution_id in self._queue_recv:
