@@ -219,6 +219,20 @@ def test_a_silent_target_gets_indirect_probes_and_a_direct_retry_then_suspicion(
     assert node.health_score == 0  # every helper nacked: our own links work
 
 
+def test_a_member_that_moved_during_a_probe_is_not_accused_for_its_old_address() -> None:
+    """§C22: the round probed incarnation 0 at the old address; the member meanwhile came
+    back at a new address with incarnation 1: the old silence convicts only incarnation 0."""
+    node = core()
+    start, ping = first_probe(node)
+    target = ping.target_id
+    moved = MemberMeta(node_id=target, name=target, mesh_address=f"{target}-new:7946")
+    gossip(node, AliveUpdate(node_id=target, incarnation=1, meta=moved), now=start + 0.1)
+    out = node.tick(start + LAN.probe_timeout_s)
+    out = node.tick(start + LAN.probe_interval_s)
+    assert kinds(out) == []
+    assert state(node, target) == (MemberState.ALIVE, 1)
+
+
 def test_missing_nacks_raise_local_health_which_stretches_the_probe_interval() -> None:
     node = core()
     start, _ = first_probe(node)

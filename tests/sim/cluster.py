@@ -32,9 +32,10 @@ import trio
 from tests.sim.disk import SimDisk
 from tests.sim.invariants import Ack, LivenessViolation, RaftObserver
 from tests.sim.net import Latency, SimNet
-from tests.sim.process import Process
+from tests.sim.process import NodeClock, Process
 from tests.sim.raft_adapter import (
     APPEND_TYPES,
+    ConfigChangeError,
     NotLeaderError,
     RaftTimings,
     bootstrap_cluster,
@@ -42,6 +43,20 @@ from tests.sim.raft_adapter import (
     sim_timings,
 )
 from tests.sim.raft_node import DriverFactory, RaftDriver
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOp:
+    """One successful linearizable read (virtual timestamps; `served_at`: the applied index
+    the value was read at)."""
+
+    client: str
+    key: str
+    value: str | None
+    node: str
+    invoked: float
+    ended: float
+    served_at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,15 +99,20 @@ class RaftSim:
         disk_lose: Literal["all", "prefix"] = "all",
         client_timeout_s: float = 5.0,
         core_class: type | None = None,
+        standbys: int = 0,
+        clocks: dict[str, NodeClock] | None = None,
     ) -> None:
         self.seed = seed
         self.timings = timings or sim_timings()
         self.net = SimNet(seed, latency=latency, codec=codec)
-        self.names = [f"n{i}" for i in range(1, voters + 1)]
+        self.names = [f"n{i}" for i in range(1, voters + standbys + 1)]
+        #: the bootstrap voters; the other names are standbys with no Raft state
+        self.voters = self.names[:voters]
         self.rng = random.Random(f"{seed}:nemesis")
         self.observer = RaftObserver(append_message_types=APPEND_TYPES)
         self.client_timeout_s = client_timeout_s
         self.history: list[Op] = []
+        self.reads: list[ReadOp] = []
         self._driver = driver
         self._core_class = core_class
         self.procs = {
@@ -101,6 +121,7 @@ class RaftSim:
                 net=self.net,
                 disk=SimDisk(random.Random(f"{seed}:disk:{name}"), lose=disk_lose),
                 factory=lambda proc: self._driver(proc, self),
+                clock=(clocks or {}).get(name),
             )
             for name in self.names
         }
@@ -135,7 +156,7 @@ class RaftSim:
         self._nursery = nursery
         for proc in self.procs.values():
             proc.start(nursery)
-        bootstrap_cluster(self.up_nodes(), self.names)
+        bootstrap_cluster([self.node(n) for n in self.voters], self.voters)
 
     # -- nemesis ---------------------------------------------------------------------------
 
@@ -184,12 +205,23 @@ class RaftSim:
         return found[0]
 
     def _majority_follows(self, leader: RaftDriver) -> bool:
+        voters = leader.core.voters
         followers = [
             n
             for n in self.up_nodes()
-            if n.core.term == leader.core.term and n.core.leader_id == leader.name
+            if n.name in voters
+            and n.core.term == leader.core.term
+            and n.core.leader_id == leader.name
         ]
-        return len(followers) * 2 > len(self.names)
+        return len(followers) * 2 > len(voters)
+
+    def members(self) -> list[RaftDriver]:
+        """The live nodes in the current leader's configuration (all live nodes if none)."""
+        leader = self.leader()
+        if leader is None:
+            return self.up_nodes()
+        members = leader.core.membership.members
+        return [n for n in self.up_nodes() if n.name in members]
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -240,6 +272,88 @@ class RaftSim:
             self.observer.record_ack(ack, leaders)
         return op, (target if outcome == "ok" else None)
 
+    def start_readers(self, count: int, *, reads: int, gap_s: float = 0.4) -> None:
+        """Start `count` clients, each reading `reads` keys (linearizable reads), mostly
+        keys already acknowledged to a writer, some not yet."""
+        for i in range(count):
+            done = trio.Event()
+            self._clients.append(done)
+            rng = random.Random(f"{self.seed}:reader:{i}")
+            self.nursery.start_soon(self._reader, f"r{i}", rng, reads, gap_s, done)
+
+    async def _reader(
+        self, name: str, rng: random.Random, reads: int, gap_s: float, done: trio.Event
+    ) -> None:
+        hint: str | None = None
+        while not self.observer.acks:  # reads start once writes are being acknowledged
+            await self.observer.wait_step()
+        for _ in range(reads):
+            acks = self.observer.acks
+            if acks and rng.random() < 0.8:
+                key = rng.choice(acks[-10:]).key  # the newest acks are the ones at risk
+            else:
+                key = f"c{rng.randrange(3)}-{rng.randrange(10)}"
+            while True:  # retried until served, like a write
+                # Now and then a random node despite the hint: a stale node must refuse.
+                if hint is None or rng.random() < 0.3:
+                    hint = rng.choice(self.names)
+                target = hint
+                hint, ok = await self._read_attempt(name, target, key)
+                if ok:
+                    break
+                await trio.sleep(rng.uniform(0.05, 0.2))
+            await trio.sleep(rng.uniform(gap_s / 4, gap_s))
+        done.set()
+
+    async def _read_attempt(self, client: str, target: str, key: str) -> tuple[str | None, bool]:
+        """One read attempt: (the node to try next, whether it was served)."""
+        start = trio.current_time()
+        proc = self.procs[target]
+        if not isinstance(proc.driver, RaftDriver) or proc.paused_until > start:
+            return None, False
+        try:
+            read = proc.driver.read(key)
+        except NotLeaderError as exc:
+            return getattr(exc, "leader_id", None), False
+        with trio.move_on_after(self.client_timeout_s):
+            await read.done.wait()
+        if read.outcome == "ok":
+            op = ReadOp(client, key, read.value, target, start, trio.current_time(), read.served_at)
+            self.reads.append(op)
+            return target, True
+        return None, False
+
+    async def change_config(self, change: str, node_id: str, *, timeout_s: float = 30.0) -> None:
+        """Have the leader make one configuration change; retry (on whichever node leads)
+        until it is committed or the leader's configuration already shows it."""
+
+        def done() -> bool:
+            leader = self.leader()
+            if leader is None:
+                return False
+            m = leader.core.membership
+            configs = [e.index for e in leader.log if e.kind == "config"]
+            if configs and configs[-1] > leader.core.commit_index:
+                return False  # the latest configuration is not committed yet
+            return {
+                "add_learner": node_id in m.members,
+                "promote": node_id in m.voters,
+                "remove_node": node_id not in m.members,
+            }[change]
+
+        with trio.fail_after(timeout_s):
+            while not done():
+                leader = await self.wait_for_leader(timeout_s)
+                try:
+                    proposal = leader.change_config(change, node_id)
+                except (NotLeaderError, ConfigChangeError):
+                    await trio.sleep(0.2)
+                    continue
+                with trio.move_on_after(self.client_timeout_s):
+                    await proposal.done.wait()
+                if proposal.outcome != "ok":
+                    await trio.sleep(0.2)
+
     # -- liveness phase --------------------------------------------------------------------
 
     async def settle(self, *, bound_s: float = 60.0) -> None:
@@ -264,7 +378,7 @@ class RaftSim:
                 f"pending, leader {leader and leader.name}, (node, commit, applied) "
                 f"{[(n.name, n.core.commit_index, n.kv.applied_index) for n in self.up_nodes()]}"
             )
-        self.observer.check_final_state(self.up_nodes())
+        self.observer.check_final_state(self.members())
 
     def _converged(self) -> bool:
         """One leader followed by a majority, which committed an entry of its term, and every
@@ -276,7 +390,7 @@ class RaftSim:
         committed = leader.entry_at(target)
         if committed is None or committed.term != leader.core.term:
             return False  # the leader's own no-op is not committed yet: its commit may lag
-        return all(n.kv.applied_index >= target for n in self.up_nodes())
+        return all(n.kv.applied_index >= target for n in self.members())
 
 
 @asynccontextmanager

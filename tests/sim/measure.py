@@ -22,12 +22,13 @@ import trio.testing
 from spear.mesh.swim_messages import MemberMeta
 from tests.sim.cluster import open_raft_sim
 from tests.sim.seeds import seed_trio_scheduler
-from tests.sim.swim_sim import SwimSim, open_swim_sim
+from tests.sim.swim_sim import SwimSim, large_heap_gc, open_swim_sim
 
 
 def run(main: Callable[[], Awaitable[None]], seed: int = 1) -> None:
     seed_trio_scheduler(seed)
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    with large_heap_gc():
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def measure_raft(virtual_s: float = 60.0, *, clients: int = 5, gap_s: float = 0.05) -> None:

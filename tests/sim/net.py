@@ -18,21 +18,24 @@ All randomness comes from one seed: each directed link draws from its own
 busy another link was. When a codec is given, messages travel as encoded bytes and are
 decoded on arrival, so the wire encoding of every message kind is exercised.
 
-Time is trio's (`trio.current_time()`, virtual under MockClock). The receiving driver waits
-with `Inbox.wait_until(deadline)`, which returns early when a message arrives before the
-deadline; nothing here starts tasks.
+Time is trio's (`trio.current_time()`, virtual under MockClock). Each inbox tells its
+process (through `Inbox.waker`) when a message will arrive, so the simulation's `Scheduler`
+(tests/sim/process.py, owned by the net) steps that process then; nothing here starts tasks.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import trio
+
+from tests.sim.process import Scheduler
 
 
 class Codec(Protocol):
@@ -112,7 +115,8 @@ class Inbox:
 
     def __init__(self) -> None:
         self._heap: list[_Delivery] = []
-        self._scope: trio.CancelScope | None = None
+        #: called with the arrival time of every message pushed (the process's wake-up)
+        self.waker: Callable[[float], None] | None = None
 
     @property
     def next_arrival(self) -> float:
@@ -121,17 +125,25 @@ class Inbox:
 
     def push(self, delivery: _Delivery) -> None:
         heapq.heappush(self._heap, delivery)
-        scope = self._scope
-        if scope is not None and delivery.at < scope.deadline:
-            # Pull the sleeping driver's wake-up forward instead of waking it now: one
-            # scheduler round trip per arrival, not two.
-            scope.deadline = delivery.at
+        if self.waker is not None:
+            self.waker(delivery.at)
 
     def pop_due(self, now: float) -> _Delivery | None:
         """The earliest message that has arrived by `now`, or None."""
         if self._heap and self._heap[0].at <= now:
             return heapq.heappop(self._heap)
         return None
+
+    def held(self) -> list[_Delivery]:
+        """Messages held indefinitely by a clog (arrival time infinite)."""
+        return [d for d in self._heap if d.at == math.inf]
+
+    def retime(self, delivery: _Delivery, at: float) -> None:
+        """Give a held message its arrival time."""
+        self._heap.remove(delivery)
+        heapq.heapify(self._heap)
+        delivery.at = at
+        self.push(delivery)
 
     def drop_arrived(self, now: float) -> int:
         """Forget messages that reached the (crashed) process; return how many."""
@@ -140,20 +152,6 @@ class Inbox:
         heapq.heapify(kept)
         self._heap = kept
         return lost
-
-    async def wait_until(self, deadline: float) -> None:
-        """Sleep until `deadline` or the next arrival, whichever comes first (an arrival
-        pushed meanwhile moves the wake-up earlier)."""
-        wake_at = min(deadline, self.next_arrival)
-        if wake_at <= trio.current_time():
-            await trio.lowlevel.checkpoint()
-            return
-        self._scope = trio.CancelScope(deadline=wake_at)
-        try:
-            with self._scope:
-                await trio.sleep_forever()
-        finally:
-            self._scope = None
 
 
 class SimNet:
@@ -176,8 +174,11 @@ class SimNet:
         self._codec = codec
         self._seq = itertools.count()
         self.statistics = NetStatistics()
+        #: steps every process attached to this net (one trio task for the simulation)
+        self.scheduler = Scheduler()
         #: drop-by-content rules: a message for which any filter returns True is lost
         self.filters: list[Callable[[str, str, object], bool]] = []
+        self._clogged: set[str] = set()
 
     def add_node(self, name: str) -> Inbox:
         """Attach a node; return its inbox (the same one after a restart)."""
@@ -236,10 +237,37 @@ class SimNet:
                 self.set_rule(name, other, clogged_until=until)
                 self.set_rule(other, name, clogged_until=until)
 
+    def clog_until_unclogged(self, name: str) -> None:
+        """Hold every message to and from `name` until `unclog(name)` (or `heal()`)."""
+        self._clogged.add(name)
+        self.clog(name, math.inf)
+
+    def unclog(self, name: str) -> None:
+        """Release `name`'s links (those to a node still clogged stay held) and send on the
+        messages they held, each with a fresh latency (FoundationDB's swizzle-clog)."""
+        self._clogged.discard(name)
+        for other in self._inboxes:
+            if other != name:
+                until = math.inf if other in self._clogged else 0.0
+                self.set_rule(name, other, clogged_until=until)
+                self.set_rule(other, name, clogged_until=until)
+        self._release_held()
+
     def heal(self) -> None:
         """Unblock and unclog every link; loss, duplication and latency settings stay."""
+        self._clogged.clear()
         for key, rule in list(self._rules.items()):
             self._rules[key] = replace(rule, blocked=False, clogged_until=0.0)
+        self._release_held()
+
+    def _release_held(self) -> None:
+        now = trio.current_time()
+        for dst, inbox in self._inboxes.items():
+            for delivery in inbox.held():
+                rule = self.rule(delivery.src, dst)
+                if rule.clogged_until < math.inf:
+                    at = now + rule.latency.sample(self._rng(delivery.src, dst))
+                    inbox.retime(delivery, max(at, rule.clogged_until))
 
     def _rng(self, src: str, dst: str) -> random.Random:
         rng = self._rngs.get((src, dst))

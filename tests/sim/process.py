@@ -1,33 +1,50 @@
-"""Simulated processes: one node's driver loop in its own cancel scope, with crash, restart,
-pause and CPU starvation.
+"""Simulated processes: one node's driver stepped by the simulation's scheduler, with crash,
+restart, pause, CPU starvation and a skewed clock.
 
 A `Driver` wraps a pure core (Raft, SWIM) exactly as the real trio driver will: it is fed a
-message or a timer tick with the current virtual time, and does the I/O the core asks for
-(persist + fsync, then send, then apply) synchronously. The `Process` owns the loop around it:
+message or a timer tick with the current time, and does the I/O the core asks for (persist +
+fsync, then send, then apply) synchronously. The `Process` owns the loop around it:
 
     wait for the next arrival or the core's next_deadline
     -> deliver one arrived message (after the starvation delay, if any), or tick
     -> repeat
 
-- crash: cancel the loop's scope, lose the disk's unsynced writes and the messages that had
-  reached the process; the driver object (volatile state) is thrown away;
+Every process of a simulation runs from one trio task, the `Scheduler`: a heap of wake-up
+times, one per process, popped in (time, sequence) order. When no other task is runnable and
+no other trio deadline comes first, the scheduler moves the mock clock straight to the next
+wake-up instead of sleeping until it (a discrete-event loop: the same virtual times, without
+one trio scheduling round per message, which is what a 1,000-node simulation spends its wall
+time on otherwise). Other tasks (clients, the scenario) run whenever they are runnable or
+their deadline comes first, so they see every instant they would have seen.
+
+- crash: the driver object (volatile state) is thrown away, the disk loses its unsynced
+  writes, the messages that had reached the process die with it;
 - restart: a new driver built by the factory from what the disk kept;
-- pause(d): the loop neither ticks nor handles messages for d seconds, then the backlog is
-  handled at once (a SIGSTOP or a long GC pause);
+- pause(d): the process neither ticks nor handles messages for d seconds, then the backlog
+  is handled at once (a SIGSTOP or a long GC pause);
 - starve(delay): each message is handled only after `delay()` seconds of "CPU" time, and
-  arrivals queue meanwhile.
+  arrivals queue meanwhile;
+- clock: the time the process reads is `offset + rate * t` for virtual time t (§C12 clock
+  skew and rate); its timers are converted back to virtual time to wait for them.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import trio
+import trio.testing
 
-from tests.sim.disk import SimDisk
 from tests.sim.invariants import LivenessViolation
-from tests.sim.net import SimNet
+
+if TYPE_CHECKING:
+    from tests.sim.disk import SimDisk
+    from tests.sim.net import SimNet
 
 #: ticks at one virtual instant after which a core counts as spinning
 MAX_TICKS_AT_ONE_INSTANT = 100
@@ -44,14 +61,114 @@ class Driver(Protocol):
     def on_tick(self, now: float) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class NodeClock:
+    """A process's own clock: `offset_s + rate * t` for virtual time t."""
+
+    offset_s: float = 0.0
+    rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.rate > 0:
+            raise ValueError(f"clock rate must be > 0, got {self.rate}")
+
+    @property
+    def exact(self) -> bool:
+        return self.offset_s == 0.0 and self.rate == 1.0
+
+    def local(self, t: float) -> float:
+        return self.offset_s + self.rate * t
+
+    def virtual(self, local: float) -> float:
+        """The earliest virtual time at which the local clock reads at least `local`."""
+        if math.isinf(local):
+            return local
+        t = (local - self.offset_s) / self.rate
+        while self.local(t) < local:  # float rounding: never wake a timer early
+            t = math.nextafter(t, math.inf)
+        return t
+
+
+class Scheduler:
+    """Steps every process of one simulation from a single trio task (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Process, int]] = []
+        self._seq = itertools.count()
+        self._scope: trio.CancelScope | None = None
+        self._running = False
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start the scheduler task in `nursery` (once; later calls do nothing)."""
+        if not self._running:
+            self._running = True
+            nursery.start_soon(self._run, name="sim:scheduler")
+
+    def wake(self, proc: Process, at: float) -> None:
+        """Have `proc` stepped at virtual time `at` (or earlier, if already asked)."""
+        if at >= proc.wake_at:
+            return
+        proc.wake_at = at
+        heapq.heappush(self._heap, (at, next(self._seq), proc, proc.generation))
+        scope = self._scope
+        if scope is not None and at < scope.deadline:
+            scope.deadline = at
+
+    def _next(self) -> tuple[float, Process] | None:
+        heap = self._heap
+        while heap:
+            at, _, proc, generation = heap[0]
+            if generation == proc.generation and at == proc.wake_at:
+                return at, proc
+            heapq.heappop(heap)
+        return None
+
+    async def _run(self) -> None:
+        clock = trio.lowlevel.current_clock()
+        mock = clock if isinstance(clock, trio.testing.MockClock) else None
+        # True while every other task is known to be blocked: set once they all blocked,
+        # kept while our own steps wake no one (a woken task lands on the run queue, which
+        # the statistics count), dropped whenever this task sleeps.
+        settled = False
+        while True:
+            item = self._next()
+            at = item[0] if item is not None else math.inf
+            now = trio.current_time()
+            if at > now:
+                stats = trio.lowlevel.current_statistics()
+                if not settled or stats.tasks_runnable:
+                    # Let every other task run until it blocks (and take a cancellation):
+                    # it may add an earlier wake-up or a deadline of its own.
+                    await trio.testing.wait_all_tasks_blocked()
+                    settled = True
+                    continue
+                if mock is None or stats.seconds_to_next_deadline <= at - now:
+                    self._scope = trio.CancelScope(deadline=at)
+                    with self._scope:
+                        await trio.sleep_forever()
+                    self._scope = None
+                    settled = False
+                    continue
+                # Nothing else can run before `at`: move the clock there at once.
+                mock.jump(at - now)
+                while trio.current_time() < at:
+                    mock.jump(math.ulp(at))
+            assert item is not None
+            heapq.heappop(self._heap)
+            proc = item[1]
+            proc.wake_at = math.inf
+            proc.step(max(trio.current_time(), at))
+
+
 class Process:
     """One simulated node process.
 
     Args:
-        name: the node's name on the SimNet.
-        net: the network (the process reads its inbox).
+        name: the node's name (its address) on the SimNet.
+        net: the network (the process reads its inbox; the net's scheduler steps it).
         disk: survives crashes; the factory rebuilds a driver from it.
         factory: builds a fresh driver (called on start and on every restart).
+        clock: the process's clock (default: virtual time itself).
     """
 
     def __init__(
@@ -61,40 +178,58 @@ class Process:
         net: SimNet,
         disk: SimDisk,
         factory: Callable[[Process], Driver],
+        clock: NodeClock | None = None,
     ) -> None:
         self.name = name
         self.net = net
         self.disk = disk
+        self.clock = clock or NodeClock()
         self._factory = factory
+        self._scheduler: Scheduler = net.scheduler
         self._inbox = net.add_node(name)
-        self._scope: trio.CancelScope | None = None
+        self._inbox.waker = self._on_arrival
         self.driver: Driver | None = None
         self.paused_until = 0.0
         self.starve_delay: Callable[[], float] | None = None
         self.incarnation = 0
         self.crashes = 0
+        #: bumped on every start and crash: wake-ups of an earlier life are ignored
+        self.generation = 0
+        #: when the scheduler steps this process next (inf: only an arrival wakes it)
+        self.wake_at = math.inf
+        self._held: tuple[str, object] | None = None
+        self._busy_until = 0.0
         self._spins = 0
 
     @property
     def up(self) -> bool:
         return self.driver is not None
 
+    def now(self) -> float:
+        """The time on this process's clock now."""
+        t = trio.current_time()
+        return t if self.clock.exact else self.clock.local(t)
+
     def start(self, nursery: trio.Nursery) -> None:
-        """Build a driver from the disk and start its loop."""
+        """Build a driver from the disk and have the scheduler step it."""
         if self.driver is not None:
             raise RuntimeError(f"process {self.name} is already running")
         # Anything that arrived while the process was down had no one to receive it.
         self.net.crash(self.name, trio.current_time())
         self.incarnation += 1
+        self.generation += 1
+        self.wake_at = math.inf
+        self._held = None
+        self._spins = 0
         self.driver = self._factory(self)
-        self._scope = trio.CancelScope()
-        nursery.start_soon(self._run, self._scope, self.driver, name=f"sim:{self.name}")
+        self._scheduler.start(nursery)
+        self._scheduler.wake(self, trio.current_time())
 
     def crash(self) -> None:
         """Kill the process: volatile state and unsynced writes are lost."""
-        if self._scope is not None:
-            self._scope.cancel()
-        self._scope = None
+        self.generation += 1
+        self.wake_at = math.inf
+        self._held = None
         self.driver = None
         self.crashes += 1
         self.disk.crash()
@@ -110,6 +245,47 @@ class Process:
         """Stop ticking and handling messages for `duration_s`; the backlog waits."""
         self.paused_until = max(self.paused_until, trio.current_time() + duration_s)
 
+    def _on_arrival(self, at: float) -> None:
+        if self.driver is not None:
+            self._scheduler.wake(self, at)
+
+    def step(self, t: float) -> None:
+        """Do everything due at virtual time `t`, then ask to be woken for what comes next."""
+        driver = self.driver
+        if driver is None:
+            return
+        exact = self.clock.exact
+        now = t if exact else self.clock.local(t)
+        while self.driver is driver:
+            if self.paused_until > t:
+                self._scheduler.wake(self, self.paused_until)
+                return
+            if self._held is not None:
+                if self._busy_until > t:
+                    self._scheduler.wake(self, self._busy_until)
+                    return
+                src, message = self._held
+                self._held = None
+                driver.on_message(src, message, now)
+                continue
+            item = self.net.receive(self.name, t)
+            if item is not None:
+                if self.starve_delay is not None:
+                    self._held = item
+                    self._busy_until = t + self.starve_delay()
+                    continue
+                driver.on_message(item[0], item[1], now)
+                continue
+            deadline = driver.next_deadline
+            if deadline <= now:
+                driver.on_tick(now)
+                self._check_timer_advanced(driver, now)
+                continue
+            self._spins = 0
+            wake = deadline if exact else self.clock.virtual(deadline)
+            self._scheduler.wake(self, min(wake, self._inbox.next_arrival))
+            return
+
     def _check_timer_advanced(self, driver: Driver, now: float) -> None:
         """A tick that leaves next_deadline <= now asks to be ticked again at once; a core that
         keeps doing so spins forever in virtual time (and burns CPU in real time)."""
@@ -123,32 +299,3 @@ class Process:
                 f"still has next_deadline={driver.next_deadline!r} <= now (a timer that "
                 "never advances, e.g. a float rounding mismatch between deadline and check)"
             )
-
-    async def _run(self, scope: trio.CancelScope, driver: Driver) -> None:
-        with scope:
-            while True:
-                await self._step(driver)
-
-    async def _step(self, driver: Driver) -> None:
-        now = trio.current_time()
-        if self.paused_until > now:
-            await trio.sleep_until(self.paused_until)
-            return
-        item = self.net.receive(self.name, now)
-        if item is not None:
-            if self.starve_delay is not None:
-                await trio.sleep(self.starve_delay())
-                now = trio.current_time()
-                if self.paused_until > now:
-                    await trio.sleep_until(self.paused_until)
-                    now = trio.current_time()
-            driver.on_message(item[0], item[1], now)
-            # Let other nodes run between messages handled at one instant.
-            await trio.lowlevel.checkpoint()
-            return
-        if driver.next_deadline <= now:
-            driver.on_tick(now)
-            self._check_timer_advanced(driver, now)
-            await trio.lowlevel.checkpoint()
-            return
-        await self._inbox.wait_until(driver.next_deadline)

@@ -10,18 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from spear.mesh.codec import MessageCodec
 from spear.mesh.raft import RaftCore
 from spear.mesh.raft_messages import RAFT_MESSAGES, RAFT_VALUES, AppendEntries
-from spear.mesh.raft_types import SIM, NotLeaderError, RaftTimings
+from spear.mesh.raft_types import SIM, ConfigChangeError, NotLeaderError, RaftTimings
 
 if TYPE_CHECKING:
     from tests.sim.raft_node import RaftDriver
 
 __all__ = [
     "APPEND_TYPES",
+    "ConfigChangeError",
     "NotLeaderError",
     "RaftTimings",
     "bootstrap_cluster",
@@ -46,9 +45,8 @@ def new_core(*, core_class: type | None = None, **kwargs: Any) -> Any:
 
 def bootstrap_cluster(nodes: Sequence[RaftDriver], voters: Sequence[str]) -> None:
     """Bootstrap every fresh node with the same voter set (Consul-style, all agree)."""
-    now = trio.current_time()
     for node in nodes:
-        node.handle(node.core.bootstrap(tuple(voters), now))
+        node.handle(node.core.bootstrap(tuple(voters), node.proc.now()))
 
 
 def raft_codec() -> MessageCodec:

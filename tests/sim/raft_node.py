@@ -62,6 +62,19 @@ class KvState:
 
 
 @dataclass(slots=True)
+class Read:
+    """A client read waiting for its read-index round and for the apply to reach it."""
+
+    request_id: str
+    key: str = ""
+    index: int | None = None
+    value: str | None = None
+    served_at: int = 0
+    done: trio.Event = field(default_factory=trio.Event)
+    outcome: str = "pending"  # "ok" | "fail"
+
+
+@dataclass(slots=True)
 class Proposal:
     """A client write waiting for its entry to be applied (or replaced by another term)."""
 
@@ -78,7 +91,7 @@ class RaftDriver:
         self.proc = proc
         self.name = proc.name
         self.sim = sim
-        now = trio.current_time()
+        now = proc.now()
         durable = RaftDurable.replay(proc.disk.durable())
         self.log: list[Any] = list(durable.entries)
         self.snapshot = durable.snapshot
@@ -98,6 +111,8 @@ class RaftDriver:
             applied=self.kv.applied_index,
         )
         self.proposals: dict[int, Proposal] = {}
+        self.reads: dict[str, Read] = {}
+        self._reads_started = 0
         self.steps = 0
         sim.observer.on_start(self)
 
@@ -108,21 +123,72 @@ class RaftDriver:
     def on_message(self, src: str, message: object, now: float) -> None:
         before = self.sim.observer.before_step(self, message)
         self.handle(self.core.step(message, now))
-        self.sim.observer.after_step(self, before)
+        self.after_step(before)
 
     def on_tick(self, now: float) -> None:
         before = self.sim.observer.before_step(self, None)
         self.handle(self.core.tick(now))
-        self.sim.observer.after_step(self, before)
+        self.after_step(before)
+
+    def after_step(self, before: Any) -> None:
+        """Report the step to the observer, unless the process crashed in the middle of it
+        (between write and fsync: what it held in memory died unsent and unsynced, and a
+        restart from an older durable term is then legitimate, not a term going back)."""
+        if self.proc.driver is self:
+            self.sim.observer.after_step(self, before)
 
     def propose(self, data: bytes) -> Proposal:
         """Hand a write to the core; raises the core's NotLeader error on a follower."""
+        return self._proposal(lambda now: self.core.propose(data, now))
+
+    def change_config(self, change: str, node_id: str) -> Proposal:
+        """Start a configuration change: `change` is "add_learner", "promote" or
+        "remove_node"; raises the core's NotLeader or ConfigChange error when refused."""
+        method = getattr(self.core, change)
+        return self._proposal(lambda now: method(node_id, now))
+
+    def _proposal(self, call: Callable[[float], tuple[int, int, Any]]) -> Proposal:
         before = self.sim.observer.before_step(self, None)
-        index, term, ready = self.core.propose(data, trio.current_time())
+        index, term, ready = call(self.proc.now())
         proposal = self.proposals[index] = Proposal(index, term)
         self.handle(ready)
-        self.sim.observer.after_step(self, before)
+        self.after_step(before)
         return proposal
+
+    def read(self, key: str) -> Read:
+        """Start a linearizable read of `key` (read-index); raises NotLeader on a follower."""
+        self._reads_started += 1
+        read = Read(request_id=f"{self.name}:{self.proc.incarnation}:{self._reads_started}")
+        read.key = key
+        self.reads[read.request_id] = read
+        before = self.sim.observer.before_step(self, None)
+        try:
+            self.handle(self.core.read_index(read.request_id, self.proc.now()))
+        except BaseException:
+            del self.reads[read.request_id]
+            raise
+        self.after_step(before)
+        return read
+
+    def answer_reads(self, ready: Any) -> None:
+        """Step 4 of the Ready contract: serve each confirmed read once applied; fail the
+        reads of a leadership that ended."""
+        for state in ready.read_states:
+            read = self.reads.get(state.request_id)
+            if read is not None:
+                read.index = state.index
+        for request_id in ready.failed_reads:
+            read = self.reads.pop(request_id, None)
+            if read is not None:
+                read.outcome = "fail"
+                read.done.set()
+        for request_id, read in list(self.reads.items()):
+            if read.index is not None and read.index <= self.kv.applied_index:
+                del self.reads[request_id]
+                read.value = self.kv.values.get(read.key)
+                read.served_at = self.kv.applied_index
+                read.outcome = "ok"
+                read.done.set()
 
     def handle(self, ready: Any) -> None:
         """Do what a Ready asks, in the contract's order."""
@@ -136,6 +202,8 @@ class RaftDriver:
         for to, message in ready.messages:
             self.proc.net.send(self.name, str(to), message)
         self.apply(ready)
+        if self.reads:
+            self.answer_reads(ready)
 
     def persist(self, ready: Any) -> None:
         """Buffer the Ready's durable parts in the contract's order (fsync comes after)."""
@@ -229,3 +297,15 @@ class ForgetVoteDriver(RaftDriver):
 
 
 DriverFactory = Callable[["Process", "RaftSim"], RaftDriver]
+
+
+class StaleReadDriver(RaftDriver):
+    """BROKEN on purpose: answers a read from its own applied state at once, on any node,
+    with no read-index round (a follower, or a deposed leader, serves stale data)."""
+
+    def read(self, key: str) -> Read:
+        read = Read(request_id=f"{self.name}:stale", key=key, outcome="ok")
+        read.value = self.kv.values.get(key)
+        read.served_at = self.kv.applied_index
+        read.done.set()
+        return read

@@ -121,6 +121,26 @@ async def test_drop_duplicate_block_and_clog(autojump_clock: trio.abc.Clock) -> 
     assert net.receive("b", trio.current_time()) in (("a", "back"), None)  # 50 % loss stays
 
 
+async def test_swizzle_clog_holds_until_unclogged_then_delivers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async def setup(net: SimNet, procs: dict[str, Process], nursery: trio.Nursery) -> None:
+        await trio.sleep(2)
+        net.clog_until_unclogged("a")
+        net.clog_until_unclogged("b")
+        await trio.sleep(5)
+        net.unclog("a")  # a-b stays held: b is still clogged
+        await trio.sleep(3)
+        net.unclog("b")
+
+    net, log, _ = await run_pair(5, setup, duration_s=15)
+    held = [t for (t, _, _, _) in log if 2.6 < t < 10.0]
+    assert not held, held
+    after = [t for (t, _, _, _) in log if 10.0 <= t < 10.6]
+    assert len(after) >= 10  # the backlog of both directions, each with a fresh latency
+    assert net.statistics.dropped == 0
+
+
 async def test_non_transitive_and_asymmetric_links(autojump_clock: trio.abc.Clock) -> None:
     net = SimNet(7, latency=Latency(spike_probability=0.0))
     for name in "abc":

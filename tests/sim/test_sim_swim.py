@@ -1,4 +1,4 @@
-"""SWIM/Lifeguard chaos scenarios (mesh.md §C 18-21), each over many seeds, LAN timings.
+"""SWIM/Lifeguard chaos scenarios (mesh.md §C 18-22), each over many seeds, LAN timings.
 
 The observer fails a run at once if a protected node (up, answering, reachable) is declared
 dead by anyone. A failing seed prints its replay command.
@@ -11,6 +11,7 @@ import trio
 
 from spear.mesh.codec import MessageCodec
 from spear.mesh.swim_messages import SWIM_MESSAGES
+from tests.sim.invariants import LivenessViolation
 from tests.sim.net import EnvelopeCodec, Latency
 from tests.sim.seeds import sim_seeds
 from tests.sim.swim_sim import open_swim_sim
@@ -94,3 +95,50 @@ async def test_half_partition_then_heal_merges_views(
         sim.protected.update(sim.names)
         took = await sim.wait_converged(MERGE_BOUND_S)
         assert took <= MERGE_BOUND_S
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_restart_with_the_same_id_at_a_new_address(
+    seed: int, autojump_clock: trio.abc.Clock
+) -> None:
+    """§C22: a node restarts with the same id at a new address, either at once (others
+    still hold it alive at the old address) or after everyone declared it dead. Its
+    higher incarnation wins everywhere, every view points at the new address, and then it
+    does not flap: no suspect, dead or left verdict about it for the next minute."""
+    async with open_swim_sim(seed, nodes=6) as sim:
+        await sim.wait_converged(30)
+        victim = sim.rng.choice(sim.names)
+        sim.crash(victim)
+        if sim.rng.random() < 0.5:
+            await trio.sleep(sim.rng.uniform(0.0, 2.0))
+        else:
+            await sim.wait_converged(DEAD_EVERYWHERE_BOUND_S)
+        address = f"{victim}-new"
+        seed_node = sim.rng.choice([n for n in sim.names if n != victim])
+        # Verdicts about the old process (declared dead late) are not false deaths.
+        sim.restart_at(victim, address, [seed_node], protect=False)
+        incarnation = sim.node(victim).core.incarnation
+
+        def moved() -> bool:
+            for name in sim.up():
+                if name == victim:
+                    continue
+                member = sim.node(name).core.member(victim)
+                if member is None or member.meta.mesh_address != address:
+                    return False
+                if member.state != "alive" or member.incarnation < incarnation:
+                    return False
+            return True
+
+        for _ in range(int(MERGE_BOUND_S / 0.2)):
+            if moved():
+                break
+            await trio.sleep(0.2)
+        else:
+            raise LivenessViolation(f"views did not move {victim} to {address} (seed {seed})")
+        sim.protected.add(victim)
+        mark = len(sim.observer.verdicts)
+        await trio.sleep(60.0)
+        flaps = [v for v in sim.observer.verdicts[mark:] if v[2] == victim]
+        assert not flaps, f"{victim} flapped after moving to {address}: {flaps[:5]}"
+        await sim.wait_converged(30)

@@ -17,8 +17,9 @@ from tests.sim.broken import CountingCommitCore
 from tests.sim.cluster import RaftSim, open_raft_sim
 from tests.sim.invariants import InvariantViolation, LivenessViolation
 from tests.sim.raft_adapter import sim_timings
-from tests.sim.raft_node import ForgetVoteDriver, LazyFsyncDriver
+from tests.sim.raft_node import ForgetVoteDriver, LazyFsyncDriver, StaleReadDriver
 from tests.sim.scenarios import crash_storm, figure_8, vote_storm
+from tests.sim.test_sim_raft_chaos import check_client_histories
 
 Scenario = Callable[[RaftSim], Awaitable[None]]
 
@@ -82,3 +83,16 @@ async def test_committing_a_previous_term_entry_by_counting_is_caught(
         figure_8, range(100), voters=5, core_class=CountingCommitCore, timings=timings
     )
     assert caught is not None, "committing previous-term entries by counting went unnoticed"
+
+
+async def test_serving_reads_without_read_index_is_caught(autojump_clock: trio.abc.Clock) -> None:
+    for seed in range(20):
+        async with open_raft_sim(seed, voters=5, driver=StaleReadDriver) as sim:
+            sim.start_clients(3, writes=8)
+            sim.start_readers(3, reads=15)
+            await sim.settle()
+        try:
+            check_client_histories(sim)
+        except InvariantViolation:
+            return
+    raise AssertionError("reads served from local state without read-index went unnoticed")
