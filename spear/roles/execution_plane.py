@@ -51,7 +51,7 @@ from spear.roles.nodes import (
 from spear.roles.placement import Placer
 from spear.roles.placement_feed import PlacementFeed
 from spear.roles.spearlet import Spearlet
-from spear.roles.state import SmsState
+from spear.roles.state import Command, SmsState
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,15 @@ def build_execution_plane(
     )
     local = mesh.gossip.member(node_id)
     assert local is not None
+
+    async def commit(command: Command) -> None:
+        await replicator.commit(command)
+        feed.refresh(trio.current_time())  # a drain takes effect on the next placement
+
     nodes = NodeService(
         local=local.meta,
         state=state,
-        commit=replicator.commit,
+        commit=commit,
         interval_s=config.node.report_interval_ms / 1000,
         members=mesh.gossip.members,
         voters=lambda: replicator.core.voters,

@@ -286,6 +286,7 @@ def build_control_app(
         # The serving node adds its own figures (the registry holds only reports).
         if doc["node_id"] == node.node_id:
             doc["statistics"] = service.statistics()
+            doc["runtime_details"] = node.runtimes  # versions; why a runtime is unavailable
         return doc
 
     @app.get(f"{API}/nodes", tags=["cluster"])

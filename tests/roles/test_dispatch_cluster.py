@@ -96,3 +96,33 @@ async def test_async_work_of_a_lost_spearlet_runs_again_elsewhere(
             assert victim in lost["error"]["message"]
         else:
             assert record["attempts"] == 1, record
+
+
+async def test_a_drained_node_gets_no_new_work(tmp_path: Path, nursery: trio.Nursery) -> None:
+    nodes, _ = await start_three(tmp_path, nursery, zones(n1="a", n2="b", n3="b"))
+    with trio.fail_after(30):
+        await wait_leader(nodes)
+    by_name = {n.name: n for n in nodes}
+    async with cluster_client(by_name["n1"].http_url) as api:
+        await register(
+            api,
+            name="cat",
+            runtime="process",
+            command=["/bin/cat"],
+            placement={"labels": {"zone": "b"}},
+        )
+        drained = await api.post(f"/api/v1/nodes/{by_name['n3'].node_id}/drain")
+        assert drained.status_code == 200, drained.text
+        assert drained.json()["draining"] is True
+        # committed drains take effect at the leader's next placement
+        for _ in range(20):
+            answer = await api.post("/api/v1/tasks/cat/invoke", content=b"x")
+            assert answer.headers["x-spear-node"] == by_name["n2"].node_id
+        await api.post(f"/api/v1/nodes/{by_name['n2'].node_id}/drain")
+        refused = await api.post("/api/v1/tasks/cat/invoke", content=b"x")
+        assert refused.status_code == 503
+        assert "draining" in refused.json()["message"]
+        resumed = await api.post(
+            f"/api/v1/nodes/{by_name['n3'].node_id}/drain", json={"enable": False}
+        )
+        assert resumed.json()["draining"] is False
