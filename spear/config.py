@@ -211,7 +211,9 @@ class SmsConfig(Section):
     sync_record_limit: int = Field(default=10_000, ge=1, description="sync records kept")
     sync_record_bytes: int = Field(default=64 * MiB, ge=0, description="their output + logs")
     async_queue_limit: int = Field(default=10_000, ge=1, description="accepted, not yet run")
-    async_workers: int = Field(default=4, ge=1, description="async executions run at once")
+    async_workers: int = Field(
+        default=4, ge=1, description="async executions placed and dispatched at once"
+    )
     spearlet_lease_ms: int = Field(
         default=4000,
         ge=100,
