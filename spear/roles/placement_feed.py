@@ -74,12 +74,14 @@ class PlacementFeed:
             draining=draining,
             runtimes=frozenset(report.runtimes),
             labels=dict(member.meta.labels),
-            slots=report.slots,
+            slots=max(report.slots, 0),  # a peer's report is checked, never trusted
             cpu_count=_int(resources.get("cpu_count"), 1),
             cpu_percent=_float(resources.get("cpu_percent")),
             load_1m=_float(resources.get("load_1m")),
             memory_available_bytes=_int(resources.get("memory_available_bytes"), 0),
-            warm_idle={task: gauges.get("idle", 0) for task, gauges in report.pools.items()},
+            warm_idle={
+                task: max(gauges.get("idle", 0), 0) for task, gauges in report.pools.items()
+            },
         )
 
 

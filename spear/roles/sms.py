@@ -10,6 +10,7 @@ attempt counted against the task's `retry.max_attempts`).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -119,9 +120,7 @@ class TaskService:
         self._sync_bytes = 0
         self._sync_idem: dict[tuple[str, str], ExecutionId] = {}
         self._async_lock = trio.Lock()
-        self._queue_send, self._queue_recv = trio.open_memory_channel[ExecutionId](
-            config.async_queue_limit
-        )
+        self._queue_send, self._queue_recv = trio.open_memory_channel[ExecutionId](math.inf)
         self._queued = 0
         self._waiters: dict[ExecutionId, trio.Event] = {}
         self._inflight: dict[ExecutionId, _InFlight] = {}
@@ -588,7 +587,12 @@ class TaskService:
             outcome = RunOutcome(
                 status=ExecStatus.FAILED, error_code=ErrorCode.NODE_LOST, error_message=message
             )
-            await self._settle(record, outcome, flight.node_id)
+            try:
+                await self._settle(record, outcome, flight.node_id)
+            except SpearError as exc:
+                # Leadership was lost meanwhile (a paused leader resuming, say): the next
+                # leader adopts the attempt and its own lease rule decides.
+                log.info("loss of %s not committed: %s", execution_id, exc)
 
     def _notify(self, execution_id: ExecutionId) -> None:
         event = self._waiters.pop(execution_id, None)
@@ -622,7 +626,7 @@ class TaskService:
         before it restarted is lost at once: nothing here runs it any more).
         """
         self._queue_send, self._queue_recv = trio.open_memory_channel[ExecutionId](
-            self._config.async_queue_limit
+            math.inf  # bounded by the acceptance check against sms.async_queue_limit
         )
         self._queued = 0
         self._inflight = {}
