@@ -156,8 +156,10 @@ class FunctionService:
         """Stop an execution if the command is not from a stale term. One whose dispatch is
         still on its way here is remembered, and ends cancelled as soon as it arrives."""
         if not self.fence.observe(message.term):
+            log.info("cancel of %s from stale term %d ignored", message.execution_id, message.term)
             return False
         if self._spearlet.cancel(ExecutionId(message.execution_id)):
+            log.info("execution %s cancelled by the leader", message.execution_id)
             return True
         self._cancel_early[message.execution_id] = None
         while len(self._cancel_early) > MAX_EARLY_CANCELS:

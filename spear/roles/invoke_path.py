@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 import cbor2
+import trio
 
 from spear.config import GatewayConfig
 from spear.errors import (
@@ -205,6 +206,35 @@ def error_doc_answer(exc: SpearError, what: str) -> Answer:
     return Answer.doc(status, body, headers)
 
 
+async def _unless_disconnected(
+    receive: Receive, call: Coroutine[Any, Any, Answer]
+) -> Answer | None:
+    """Await `call`, cancelling it if the client disconnects first (then None): a sync
+    invocation nobody waits for is stopped, on whichever node runs it."""
+    answer: Answer | None = None
+    failure: Exception | None = None
+
+    async def run() -> None:
+        nonlocal answer, failure
+        try:
+            answer = await call
+        except Exception as exc:  # raised below, as itself (not in an exception group)
+            failure = exc
+        nursery.cancel_scope.cancel()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        nursery.start_soon(watch)
+    if failure is not None:
+        raise failure
+    return answer
+
+
 class Gateway:
     """The gateway's ASGI app: invocations here, everything else to the control-plane app."""
 
@@ -230,7 +260,15 @@ class Gateway:
                 self._config.max_invoke_body_bytes,
                 "gateway.max_invoke_body_bytes",
             )
-            answer = await answer_invoke(self._service, request, data)
+            if request.mode == "sync":
+                answer = await _unless_disconnected(
+                    receive, answer_invoke(self._service, request, data)
+                )
+                if answer is None:
+                    log.info("invocation of %s cancelled: its client disconnected", task)
+                    return
+            else:
+                answer = await answer_invoke(self._service, request, data)
         except SpearError as exc:
             answer = error_doc_answer(exc, f"invocation of {task}")
         except Exception:

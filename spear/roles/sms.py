@@ -253,7 +253,9 @@ class TaskService:
             self._forget_sync(entry)
             raise
         except BaseException:
-            entry.record = replace(record, status=ExecStatus.CANCELLED, finished_at=self._now())
+            entry.record = replace(
+                entry.record, status=ExecStatus.CANCELLED, finished_at=self._now()
+            )
             entry.done.set()
             raise
         entry.record = _finish(record, outcome, node_id, self._now())
