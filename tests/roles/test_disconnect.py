@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import trio
 
 from spear.node import NodeHandle
 from tests.roles.api_helpers import register, register_wasm
@@ -49,5 +50,5 @@ async def test_a_client_that_disconnects_cancels_its_sync_invocation(
     assert record["status"] == "cancelled", record
     assert node.service.statistics()["spearlet"]["running"] == 0
     spinning = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == SPIN_COMMAND]
-    _, alive = psutil.wait_procs(spinning, timeout=10)
+    _, alive = await trio.to_thread.run_sync(psutil.wait_procs, spinning, 10)
     assert alive == []  # the guest process is gone too

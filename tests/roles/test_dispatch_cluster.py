@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
+import pytest
 import trio
 
 from tests.roles.api_helpers import cluster_client, register, register_wasm
@@ -126,3 +129,41 @@ async def test_a_drained_node_gets_no_new_work(tmp_path: Path, nursery: trio.Nur
             f"/api/v1/nodes/{by_name['n3'].node_id}/drain", json={"enable": False}
         )
         assert resumed.json()["draining"] is False
+
+
+SPIN_COMMAND = ["/bin/sh", "-c", "while :; do :; done # test_dispatch_cluster"]
+
+
+async def test_a_hang_up_cancels_the_call_on_the_node_that_runs_it(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    nodes, _ = await start_three(tmp_path, nursery, zones(n1="a", n2="b", n3="b"))
+    with trio.fail_after(30):
+        leader = await wait_leader(nodes)
+    other = next(n for n in nodes if n is not leader)
+    async with cluster_client(leader.http_url) as api:
+        await register(
+            api,
+            name="spin",
+            runtime="process",
+            command=SPIN_COMMAND,
+            timeout_ms=600_000,
+            placement={"node_id": other.node_id},
+        )
+        async with httpx.AsyncClient(
+            base_url=leader.http_url, timeout=httpx.Timeout(0.5)
+        ) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                await impatient.post("/api/v1/tasks/spin/invoke", content=b"x")
+        (listed,) = (await api.get("/api/v1/executions", params={"task": "spin"})).json()[
+            "executions"
+        ]
+        record = (
+            await api.get(f"/api/v1/executions/{listed['execution_id']}", params={"wait_ms": 20000})
+        ).json()
+        assert (record["status"], record["node_id"]) == ("cancelled", other.node_id)
+    # The node that ran it was told to stop: its guest process goes (waited for in a thread:
+    # the nodes share this test's event loop).
+    spinning = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == SPIN_COMMAND]
+    _, alive = await trio.to_thread.run_sync(psutil.wait_procs, spinning, 10)
+    assert alive == []
