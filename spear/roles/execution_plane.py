@@ -19,6 +19,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -82,9 +83,7 @@ def build_execution_plane(
     """The plane's parts, wired to each other (started by `serve_execution_plane`)."""
     node_id = spearlet.node_id
     replicator = mesh.replicator
-
-    def taking_as_leader() -> bool:
-        return leader.service is not None and replicator.leads_now()
+    taking_as_leader = partial(_takes_as_leader, leader, mesh)
 
     async def deliver(result: ExecutionResult) -> ResultAck | None:
         if taking_as_leader():
@@ -140,13 +139,10 @@ async def serve_execution_plane(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the execution plane until cancelled (see the module docstring)."""
-    replicator = mesh.replicator
     lease_s = config.sms.spearlet_lease_ms / 1000
     interval_s = config.node.report_interval_ms / 1000
     functions, feed = plane.functions, plane.feed
-
-    def taking_as_leader() -> bool:
-        return leader.service is not None and replicator.leads_now()
+    taking_as_leader = partial(_takes_as_leader, leader, mesh)
 
     def make_report(seq: int) -> NodeReport:
         resources = host.sample()
@@ -187,6 +183,7 @@ async def serve_execution_plane(
         # first interval, and holds a lease for async work.
         now = trio.current_time()
         on_ack(feed.on_report(make_report(next_seq()), now), now)
+        feed.refresh(now)  # every other node: no lease until it reports to this term
 
     plane.dispatcher.on_term_start = on_term_start
 
@@ -208,6 +205,12 @@ async def serve_execution_plane(
             )
         )
         task_status.started()
+
+
+def _takes_as_leader(leader: LeaderServices, mesh: ClusterHandle) -> bool:
+    """Whether this node may take reports and results as leader now (it serves, and a pause
+    past its check-quorum window has not made that stale)."""
+    return leader.service is not None and mesh.replicator.leads_now()
 
 
 async def _route(

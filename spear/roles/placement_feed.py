@@ -38,7 +38,11 @@ class PlacementFeed:
         """A node's report reached the leader: registry, lease and view."""
         ack = self._nodes.on_report(report, now)
         self._dispatcher.leases.heard(report.node_id, now, report.lease_epoch)
-        self.refresh(now)
+        # Only this node's view changed; the others (and members gone) follow in `refresh`.
+        for member in self._members():
+            if member.node_id == report.node_id:
+                draining = member.node_id in self._state.drained()
+                self._dispatcher.placer.update(self._view(member, now, draining))
         return ack
 
     def refresh(self, now: float) -> None:

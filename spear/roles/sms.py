@@ -446,14 +446,7 @@ class TaskService:
         record = self._state.execution(execution_id)
         if record is None or record.status is not ExecStatus.RUNNING or record.attempts != attempt:
             return
-        again = replace(
-            record,
-            status=ExecStatus.PENDING,
-            attempts=attempt - 1,
-            node_id=None,
-            started_at=None,
-            retry_at=self._now() + PLACEMENT_RETRY_S,
-        )
+        again = replace(_uncounted(record), retry_at=self._now() + PLACEMENT_RETRY_S)
         await self._apply(PutExecution(record=again))
         self._schedule(execution_id, again.retry_at)
 
@@ -686,15 +679,8 @@ class TaskService:
                 continue
             if record.attempts != flight.attempt:
                 continue
-            again = replace(
-                record,
-                status=ExecStatus.PENDING,
-                attempts=flight.attempt - 1,
-                node_id=None,
-                started_at=None,
-            )
             try:
-                await self._apply(PutExecution(record=again))
+                await self._apply(PutExecution(record=_uncounted(record)))
             except SpearError as exc:
                 log.info(
                     "execution %s stays running until its lease is lost: %s", execution_id, exc
@@ -898,3 +884,15 @@ def _attempt_entry(record: ExecutionRecord) -> dict[str, Any]:
         "started_at": record.started_at,
         "finished_at": record.finished_at,
     }
+
+
+def _uncounted(record: ExecutionRecord) -> ExecutionRecord:
+    """A running attempt that certainly did not run to its end here, back to pending without
+    counting it."""
+    return replace(
+        record,
+        status=ExecStatus.PENDING,
+        attempts=record.attempts - 1,
+        node_id=None,
+        started_at=None,
+    )
