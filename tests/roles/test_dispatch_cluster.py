@@ -150,6 +150,12 @@ async def test_a_hang_up_cancels_the_call_on_the_node_that_runs_it(
             timeout_ms=600_000,
             placement={"node_id": other.node_id},
         )
+        # Until the leader has heard the pinned node's first report it cannot place there
+        # (503, which this client retries): a quick call pinned there waits for that.
+        quick = {"name": "quick", "runtime": "process", "command": ["cat"]}
+        await register(api, **quick, placement={"node_id": other.node_id})
+        ready = await api.post("/api/v1/tasks/quick/invoke", content=b"ready")
+        assert (ready.status_code, ready.headers["x-spear-node"]) == (200, other.node_id)
         async with httpx.AsyncClient(
             base_url=leader.http_url, timeout=httpx.Timeout(0.5)
         ) as impatient:
