@@ -52,22 +52,32 @@ async def start_three(
 
 
 async def wait_leader(nodes: Sequence[NodeHandle]) -> NodeHandle:
-    """The leader, once it serves and every node in `nodes` knows it."""
+    """The leader, once it serves and every node in `nodes` knows it.
+
+    The change watchers are started before each check, so a change between a check and the
+    wait is never missed."""
     while True:
-        serving = [n for n in nodes if n.leader.service is not None]
-        if len(serving) == 1:
-            leader = serving[0]
-            known = {n.cluster.replicator.soft_state.leader_id for n in nodes}
-            if known == {leader.node_id}:
-                return leader
         async with trio.open_nursery() as race:
             for node in nodes:
-                race.start_soon(_then_cancel, node.cluster.replicator.wait_soft_state_change, race)
-                race.start_soon(_then_cancel, node.leader.wait_change, race)
+                await race.start(_then_cancel, node.cluster.replicator.wait_soft_state_change, race)
+                await race.start(_then_cancel, node.leader.wait_change, race)
+            serving = [n for n in nodes if n.leader.service is not None]
+            if len(serving) == 1:
+                leader = serving[0]
+                known = {n.cluster.replicator.soft_state.leader_id for n in nodes}
+                if known == {leader.node_id}:
+                    race.cancel_scope.cancel()
+                    return leader
 
 
-async def _then_cancel(wait: Callable[[], Awaitable[object]], race: trio.Nursery) -> None:
-    await wait()
+async def _then_cancel(
+    wait: Callable[[], Awaitable[object]],
+    race: trio.Nursery,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    waiting = wait()  # runs up to its event's wait once awaited, with no checkpoint before
+    task_status.started()
+    await waiting
     race.cancel_scope.cancel()
 
 
