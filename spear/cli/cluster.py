@@ -1,10 +1,14 @@
-"""`spear cluster --nodes N`: a whole cluster on this machine, for trying spear and for tests.
+"""`spear cluster`: run a whole cluster on this machine, and change a cluster's voters.
 
-Starts N `spear node` processes on loopback, each with its own data directory under
-`--data-dir`, ports chosen by the OS, and one fresh cluster key. The first
+`spear cluster --nodes N` starts N `spear node` processes on loopback, each with its own data
+directory under `--data-dir`, ports chosen by the OS, and one fresh cluster key. The first
 min(N, 3) nodes are the voters (`--bootstrap-expect`); the others join as non-voting
 Spearlets. It prints every node's addresses and the join token, then waits; Ctrl-C or
 SIGTERM stops every node (SIGTERM, then SIGKILL after a grace period) and exits 0.
+
+`spear cluster promote|demote|remove|transfer-leader ID` change a running cluster's Raft
+configuration through any node's gateway (`--server`); each returns once the change is
+committed and prints the voters and learners after it (`--json`: the cluster document).
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
+from urllib.parse import quote
 
-from spear.cli.output import EXIT_FAILED, fail, print_table
+from spear.cli.commands import add_client_flags, open_client
+from spear.cli.output import EXIT_FAILED, fail, print_json, print_table
+from spear.client import SpearClient
 
 STOP_GRACE_S = 10.0
 MAX_NODES = 9
@@ -36,6 +45,11 @@ class _Node:
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `spear cluster` (run N nodes here) and its change commands."""
+    parser.description = (
+        "Run a cluster of N nodes on this machine until Ctrl-C (with no command), or change "
+        "a running cluster's voters (promote, demote, remove, transfer-leader)."
+    )
     parser.add_argument("--nodes", type=int, default=3, metavar="N", help="how many (default 3)")
     parser.add_argument(
         "--data-dir",
@@ -49,6 +63,87 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         choices=("lan", "lan-fast", "loopback"),
         help="mesh.profile of every node (default lan-fast)",
     )
+    _add_changes(parser)
+
+
+# --- changes to a running cluster's voters ----------------------------------------------------
+
+#: command -> (help, what it did, the client call)
+_CHANGES: dict[str, tuple[str, str, Callable[[SpearClient, str], dict[str, Any]]]] = {
+    "promote": (
+        "make a caught-up learner a voter",
+        "is a voter now",
+        lambda client, node: _change(client, "POST", f"voters/{_seg(node)}"),
+    ),
+    "demote": (
+        "make a voter a learner (it keeps the log, no longer votes)",
+        "is a learner now",
+        lambda client, node: _change(client, "DELETE", f"voters/{_seg(node)}"),
+    ),
+    "remove": (
+        "remove a failed (dead or left) member from the Raft configuration",
+        "is no longer a member",
+        lambda client, node: _change(client, "DELETE", f"members/{_seg(node)}"),
+    ),
+    "transfer-leader": (
+        "hand leadership to another voter",
+        "leads now",
+        lambda client, node: _change(client, "POST", "leader", json={"node_id": node}),
+    ),
+}
+
+
+def _add_changes(parser: argparse.ArgumentParser) -> None:
+    parser_class = type(parser)
+    client = parser_class(add_help=False)
+    add_client_flags(client)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=parser_class)
+    for name, (help_text, _, _) in _CHANGES.items():
+        change = sub.add_parser(
+            name, parents=[client], help=help_text, description=help_text.capitalize() + "."
+        )
+        change.add_argument("node", metavar="ID", help="a node id or name")
+        change.set_defaults(handler=cmd_cluster_change, change=name)
+
+
+def cmd_cluster_change(args: argparse.Namespace) -> int:
+    _, done, call = _CHANGES[args.change]
+    with open_client(args) as client:
+        doc = call(client, args.node)
+    if args.json:
+        print_json(doc)
+        return 0
+    print(f"node {_describe(doc, args.node)} {done}", flush=True)
+    raft = doc.get("raft")
+    learners = raft.get("learners") if isinstance(raft, Mapping) else None
+    print(f"leader    {_describe(doc, doc.get('leader_id'))} (term {doc.get('term')})")
+    print(f"voters    {_names(doc, doc.get('voters'))}")
+    print(f"learners  {_names(doc, learners)}", flush=True)
+    return 0
+
+
+def _change(client: SpearClient, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    # SpearClient has no cluster-change methods yet; this is its own request helper.
+    return client._json(method, f"/api/v1/cluster/{path}", **kwargs)
+
+
+def _seg(value: str) -> str:
+    """One URL path segment: a name or id typed by a user must not change the route."""
+    return quote(value, safe="")
+
+
+def _describe(doc: Mapping[str, Any], ref: Any) -> str:
+    """`name (node id)` for a node id or name the cluster document knows, else as given."""
+    for member in doc.get("members") or []:
+        if isinstance(member, Mapping) and ref in (member.get("node_id"), member.get("name")):
+            return f"{member.get('name')} ({member.get('node_id')})"
+    return str(ref) if ref else "-"
+
+
+def _names(doc: Mapping[str, Any], ids: Any) -> str:
+    if not isinstance(ids, list) or not ids:
+        return "-"
+    return ", ".join(_describe(doc, node_id) for node_id in ids)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:

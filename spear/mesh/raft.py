@@ -12,8 +12,8 @@ API (stable; re-exported from spear.mesh):
     core.step(message, now) -> Ready                 # a RaftMessage arrived from message.sender
     core.propose(data, now) -> (index, term, Ready)  # NotLeaderError(leader_id) if not leader
     core.read_index(request_id, now) -> Ready        # ReadState(request_id, index) comes later
-    core.add_learner(node_id, now) / promote(node_id, now) / remove_node(node_id, now)
-        -> (index, term, Ready)                      # one config change at a time
+    core.add_learner(node_id, now) / promote(node_id, now) / demote(node_id, now)
+        / remove_node(node_id, now) -> (index, term, Ready)   # one config change at a time
     core.transfer_leadership(target, now) -> Ready   # TimeoutNow once the target caught up
     core.make_snapshot(index, data) -> Snapshot; core.compact(snapshot) -> None
     core.next_deadline, role, term, leader_id, commit_index, applied_index, last_index,
@@ -38,8 +38,13 @@ sender the newer term; conflicting follower suffixes are truncated (with a confl
 
 Configuration: a node uses the latest "config" entry in its log, committed or not (Raft
 thesis §4.1, single-server changes). A leader starts a change only when no config entry is
-uncommitted and it has committed an entry of its own term. A leader removed from the voters
+uncommitted and it has committed an entry of its own term. A change of the voters is refused
+if it would leave no voter, or fewer voters that answered the leader within
+election_timeout_min than the new configuration's quorum. A leader removed from the voters
 keeps leading without counting itself until the change commits, then steps down.
+
+Snapshots travel in pieces of at most `max_payload_bytes` (spear.mesh.raft_snapshots), and
+AppendEntries carry at most that much entry data, so no message outgrows the frame cap.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ from spear.mesh.raft_messages import (
     PreVoteReply,
     RaftMessage,
     RequestVote,
+    SnapshotChunk,
+    SnapshotChunkReply,
     TimeoutNow,
     VoteReply,
 )
@@ -79,7 +86,11 @@ from spear.mesh.raft_types import (
     SoftState,
 )
 
-__all__ = ["BootstrapCandidate", "RaftCore", "choose_bootstrap_voters"]
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "BootstrapCandidate", "RaftCore", "choose_bootstrap_voters"]
+
+#: entry data per AppendEntries and bytes per snapshot piece unless the driver says otherwise
+#: (well under the mesh's default 16 MiB frame cap)
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 
 
 class RaftCore(Elections):
@@ -95,9 +106,13 @@ class RaftCore(Elections):
         snapshot: the durable snapshot, if any.
         applied: the index the driver's state machine already reflects (at least the
             snapshot's); entries up to it are not handed out again.
+        max_payload_bytes: the most entry data one AppendEntries carries (one larger entry
+            still goes alone) and the size of each snapshot piece; the driver derives it
+            from its transport's frame cap.
 
     Raises:
         RaftStateError: the durable state is inconsistent.
+        ValueError: max_payload_bytes < 1.
     """
 
     def __init__(
@@ -111,7 +126,10 @@ class RaftCore(Elections):
         entries: Sequence[Entry] = (),
         snapshot: Snapshot | None = None,
         applied: int = 0,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
+        if max_payload_bytes < 1:
+            raise ValueError(f"max_payload_bytes must be >= 1, got {max_payload_bytes}")
         hard = hard_state or HardState()
         log = RaftLog(snapshot, entries)
         if log.last_term > hard.term:
@@ -119,7 +137,13 @@ class RaftCore(Elections):
                 f"raft log term {log.last_term} is above the stored term {hard.term};"
                 " the raft hard state in the store is stale"
             )
-        super().__init__(node_id=node_id, timings=timings, log=log, term=hard.term)
+        super().__init__(
+            node_id=node_id,
+            timings=timings,
+            log=log,
+            term=hard.term,
+            max_payload_bytes=max_payload_bytes,
+        )
         self._rng = rng
         self._voted_for = hard.voted_for
         self._commit = max(log.snapshot_index, min(applied, log.last_index))
@@ -176,6 +200,10 @@ class RaftCore(Elections):
         return self._membership.learners
 
     @property
+    def timings(self) -> RaftTimings:
+        return self._t
+
+    @property
     def hard_state(self) -> HardState:
         return HardState(term=self._term, voted_for=self._voted_for)
 
@@ -190,6 +218,14 @@ class RaftCore(Elections):
         if self._state == "leader":
             return self._leader_deadline()
         return self._election_deadline
+
+    def learner_behind(self, node_id: str) -> bool:
+        """Whether this node leads and `node_id` is a learner that has not yet matched the
+        commit index (promote would refuse it for now)."""
+        if self._state != "leader" or node_id not in self._membership.learners:
+            return False
+        pr = self._progress.get(node_id)
+        return pr is not None and pr.match_index < self._commit
 
     def holds_quorum_contact(self, now: float) -> bool:
         """Whether this node leads and heard from a quorum of voters within the check-quorum
@@ -211,6 +247,7 @@ class RaftCore(Elections):
             "last_index": self._log.last_index,
             "last_term": self._log.last_term,
             "snapshot_index": self._log.snapshot_index,
+            "snapshot_bytes": len(self._log.snapshot.data) if self._log.snapshot else 0,
             "voters": list(self.voters),
             "learners": list(self.learners),
         }
@@ -262,7 +299,9 @@ class RaftCore(Elections):
         """Handle one message from `message.sender`."""
         if message.term > self._term and self._adopts_term(message, now):
             leader = (
-                message.sender if isinstance(message, AppendEntries | InstallSnapshot) else None
+                message.sender
+                if isinstance(message, AppendEntries | InstallSnapshot | SnapshotChunk)
+                else None
             )
             self._become_follower(message.term, leader, now)
         elif message.term < self._term:
@@ -306,25 +345,35 @@ class RaftCore(Elections):
     def promote(self, node_id: str, now: float) -> tuple[int, int, Ready]:
         """Make a caught-up learner (match index >= commit index) a voter."""
         self._require_leader()
+        if node_id in self._membership.voters:
+            raise ConfigChangeError(f"node {node_id} is not a learner: it is a voter already")
         if node_id not in self._membership.learners:
-            raise ConfigChangeError(f"node {node_id} is not a learner; add it as one first")
+            raise ConfigChangeError(
+                f"node {node_id} is not a learner (not in the raft configuration); add it as"
+                " one first"
+            )
         match = self._progress[node_id].match_index
         if match < self._commit:
             raise ConfigChangeError(
                 f"learner {node_id} has matched index {match}, behind the commit index"
                 f" {self._commit}; promote it once it caught up"
             )
-        return self._change_config(self._membership.with_voter(node_id), now)
+        return self._change_voters(self._membership.with_voter(node_id), node_id, now)
+
+    def demote(self, node_id: str, now: float) -> tuple[int, int, Ready]:
+        """Make a voter a learner: it keeps receiving the log but no longer votes or counts
+        (the leader itself included: it steps down once the change commits)."""
+        self._require_leader()
+        if node_id not in self._membership.voters:
+            raise ConfigChangeError(f"node {node_id} is not a voter; nothing to demote")
+        return self._change_voters(self._membership.with_demoted(node_id), node_id, now)
 
     def remove_node(self, node_id: str, now: float) -> tuple[int, int, Ready]:
         """Remove a voter or learner (the leader itself included: it steps down on commit)."""
         self._require_leader()
         if node_id not in self._membership.members:
             raise ConfigChangeError(f"node {node_id} is not a member; nothing to remove")
-        new = self._membership.without(node_id)
-        if not new.voters:
-            raise ConfigChangeError(f"removing {node_id} would leave no voter; add one first")
-        return self._change_config(new, now)
+        return self._change_voters(self._membership.without(node_id), node_id, now)
 
     def transfer_leadership(self, target: str, now: float) -> Ready:
         """Hand leadership to voter `target`: catch it up, then send TimeoutNow. Proposals
@@ -367,6 +416,30 @@ class RaftCore(Elections):
         entry = self._log.last_config_entry()
         return Membership.decode(entry.data) if entry is not None else self._snapshot_membership()
 
+    def _change_voters(self, new: Membership, node_id: str, now: float) -> tuple[int, int, Ready]:
+        """A change of the voters, refused when the new voters could not commit: none left,
+        or fewer than their quorum answered this leader lately (etcd's strict
+        reconfiguration check: a change must not cost the cluster its quorum)."""
+        if not new.voters:
+            raise ConfigChangeError(
+                f"changing {node_id} would leave no voter; promote another node first"
+            )
+        window = self._t.election_timeout_min_s
+        active = [voter for voter in new.voters if self._answered_within(voter, window, now)]
+        if len(active) < new.quorum:
+            raise ConfigChangeError(
+                f"changing {node_id} would leave {len(new.voters)} voter(s) of which"
+                f" {len(active)} answered within the last {window:g} s, fewer than their"
+                f" quorum of {new.quorum}; bring the missing voters back, or remove them first"
+            )
+        return self._change_config(new, now)
+
+    def _answered_within(self, node_id: str, window_s: float, now: float) -> bool:
+        if node_id == self.node_id:
+            return True
+        pr = self._progress.get(node_id)
+        return pr is not None and now - pr.last_contact < window_s
+
     def _change_config(self, new: Membership, now: float) -> tuple[int, int, Ready]:
         self._require_leader()
         if self._log.term_at(self._commit) != self._term:
@@ -402,4 +475,6 @@ class RaftCore(Elections):
         InstallSnapshot: Replication._handle_install_snapshot,
         InstallSnapshotReply: Replication._handle_install_snapshot_reply,
         TimeoutNow: Elections._handle_timeout_now,
+        SnapshotChunk: Replication._handle_snapshot_chunk,
+        SnapshotChunkReply: Replication._handle_snapshot_chunk_reply,
     }

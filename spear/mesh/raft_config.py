@@ -56,6 +56,10 @@ class Membership:
         learners = tuple(n for n in self.learners if n != node_id)
         return Membership(voters=(*self.voters, node_id), learners=learners)
 
+    def with_demoted(self, node_id: str) -> Membership:
+        voters = tuple(n for n in self.voters if n != node_id)
+        return Membership(voters=voters, learners=(*self.learners, node_id))
+
     def without(self, node_id: str) -> Membership:
         return Membership(
             voters=tuple(n for n in self.voters if n != node_id),

@@ -19,6 +19,8 @@ from spear.mesh.raft_messages import (
     PreVoteReply,
     RaftMessage,
     RequestVote,
+    SnapshotChunk,
+    SnapshotChunkReply,
     TimeoutNow,
     VoteReply,
 )
@@ -127,6 +129,8 @@ class Elections(Replication):
             reply = AppendReply(term=self._term, sender=self.node_id, success=False)
         elif isinstance(message, InstallSnapshot):
             reply = InstallSnapshotReply(term=self._term, sender=self.node_id, match_index=0)
+        elif isinstance(message, SnapshotChunk):
+            reply = SnapshotChunkReply(term=self._term, sender=self.node_id, index=message.index)
         else:
             return
         self._send(message.sender, reply)

@@ -90,7 +90,8 @@ class AppendReply:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InstallSnapshot:
-    """The leader's snapshot, sent whole to a follower that needs compacted entries."""
+    """A snapshot sent whole in one message: no longer sent (a leader sends `SnapshotChunk`s,
+    which fit the mesh's frame cap), still accepted from a leader that does."""
 
     term: int
     sender: str
@@ -104,6 +105,45 @@ class InstallSnapshotReply:
     term: int
     sender: str
     match_index: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotChunk:
+    """One piece of the leader's snapshot (Raft paper section 7, InstallSnapshot in chunks).
+
+    `data` holds the snapshot's bytes from `offset`; `done` marks the last piece. Every piece
+    repeats the snapshot's identity (`index`, `snapshot_term`, the configuration, `size` and
+    the sha256 `checksum` of the whole data), so a follower tells a piece of another
+    snapshot, or of another leader's transfer, from the next piece of the one it assembles.
+    """
+
+    term: int
+    sender: str
+    index: int
+    snapshot_term: int
+    voters: tuple[str, ...]
+    learners: tuple[str, ...]
+    size: int
+    checksum: bytes
+    offset: int
+    data: bytes
+    done: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotChunkReply:
+    """The follower's answer to one SnapshotChunk of the snapshot at `index`.
+
+    `match_index` > 0: the follower holds everything up to it (the snapshot is installed, or
+    it already had those entries). Otherwise `received` is how many bytes of the snapshot it
+    holds in order: the offset of the piece it wants next (0 = start again).
+    """
+
+    term: int
+    sender: str
+    index: int
+    received: int = 0
+    match_index: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,6 +164,8 @@ RaftMessage = (
     | InstallSnapshot
     | InstallSnapshotReply
     | TimeoutNow
+    | SnapshotChunk
+    | SnapshotChunkReply
 )
 
 #: Wire tag -> message class. Append-only: never rename or reuse a tag.
@@ -137,6 +179,8 @@ RAFT_MESSAGES: dict[str, type[RaftMessage]] = {
     "raft.snapshot": InstallSnapshot,
     "raft.snapshot_reply": InstallSnapshotReply,
     "raft.timeout_now": TimeoutNow,
+    "raft.snapshot_chunk": SnapshotChunk,
+    "raft.snapshot_chunk_reply": SnapshotChunkReply,
 }
 
 #: Tag -> nested value class carried inside messages (AppendEntries.entries, the snapshot).

@@ -5,21 +5,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from spear.mesh.raft_types import ReadState
+from spear.mesh.raft_types import ReadState, Snapshot
 
 
 @dataclass(slots=True, kw_only=True)
 class Progress:
     """What the leader knows of one follower or learner.
 
-    No pipelining: at most one AppendEntries with entries (or one InstallSnapshot) is in
+    No pipelining: at most one AppendEntries with entries (or one snapshot chunk) is in
     flight per follower, until its reply or `inflight_until`; heartbeats still go out.
+
+    A snapshot transfer keeps the snapshot it started with (`snapshot`, its `snapshot_sum`)
+    until the follower holds it, even if the leader compacts again meanwhile; it restarts
+    with the leader's newest snapshot whenever it restarts from offset 0.
     """
 
     match_index: int = 0
     next_index: int = 1
     inflight_until: float = 0.0
     last_contact: float = 0.0
+    snapshot: Snapshot | None = None
+    snapshot_sum: bytes = b""
+    snapshot_offset: int = 0
 
     def in_flight(self, now: float) -> bool:
         return now < self.inflight_until
@@ -31,7 +38,13 @@ class Progress:
         self.inflight_until = 0.0
         self.match_index = match_index
         self.next_index = max(self.next_index, match_index + 1)
+        if self.snapshot is not None and match_index >= self.snapshot.index:
+            self.end_snapshot()
         return True
+
+    def end_snapshot(self) -> None:
+        """Forget the snapshot transfer (done, or to restart with a newer snapshot)."""
+        self.snapshot, self.snapshot_sum, self.snapshot_offset = None, b"", 0
 
     def on_reject(self, next_index: int) -> None:
         """Back off to `next_index`, never below what is known to match."""

@@ -19,9 +19,12 @@ from spear.mesh.raft_messages import (
     InstallSnapshot,
     InstallSnapshotReply,
     RaftMessage,
+    SnapshotChunk,
+    SnapshotChunkReply,
     TimeoutNow,
 )
 from spear.mesh.raft_progress import Progress, ReadTracker
+from spear.mesh.raft_snapshots import SnapshotAssembly, snapshot_checksum, snapshot_chunk
 from spear.mesh.raft_types import (
     Entry,
     HardState,
@@ -45,9 +48,19 @@ class Replication:
     _voted_for: str | None
     _emitted_hard: HardState
 
-    def __init__(self, *, node_id: str, timings: RaftTimings, log: RaftLog, term: int) -> None:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        timings: RaftTimings,
+        log: RaftLog,
+        term: int,
+        max_payload_bytes: int,
+    ) -> None:
         self.node_id = node_id
         self._t = timings
+        self._max_payload = max_payload_bytes
+        self._incoming: SnapshotAssembly | None = None
         self._log = log
         self._term = term
         self._state: State = "follower"
@@ -245,7 +258,7 @@ class Replication:
         entries: list[Entry] = []
         if not pr.in_flight(now):
             stop = prev + 1 + self._t.max_entries_per_append
-            entries = self._log.slice(prev + 1, stop)
+            entries = _within(self._log.slice(prev + 1, stop), self._max_payload)
             if entries:
                 pr.inflight_until = now + self._t.append_timeout_s
         message = AppendEntries(
@@ -260,11 +273,26 @@ class Replication:
         self._send(peer, message)
 
     def _send_snapshot(self, peer: str, pr: Progress, now: float) -> None:
-        snapshot = self._log.snapshot
-        if pr.in_flight(now) or snapshot is None:
+        """Send the next piece of the follower's snapshot transfer (see raft_snapshots)."""
+        latest = self._log.snapshot
+        if pr.in_flight(now) or (latest is None and pr.snapshot is None):
             return
+        if pr.snapshot is None or (pr.snapshot_offset == 0 and latest is not None):
+            # (Re)start with the newest snapshot; a transfer under way keeps its own.
+            assert latest is not None
+            if pr.snapshot is not latest:
+                pr.snapshot, pr.snapshot_sum = latest, snapshot_checksum(latest)
+        assert pr.snapshot is not None
         pr.inflight_until = now + self._t.append_timeout_s
-        self._send(peer, InstallSnapshot(term=self._term, sender=self.node_id, snapshot=snapshot))
+        chunk = snapshot_chunk(
+            pr.snapshot,
+            pr.snapshot_sum,
+            pr.snapshot_offset,
+            self._max_payload,
+            term=self._term,
+            sender=self.node_id,
+        )
+        self._send(peer, chunk)
 
     @property
     def _reads_context(self) -> int:
@@ -315,6 +343,22 @@ class Replication:
         if pr.on_success(message.match_index):
             self._maybe_commit(now)
         self._continue(message.sender, pr, now)
+
+    def _handle_snapshot_chunk_reply(self, message: SnapshotChunkReply, now: float) -> None:
+        pr = self._progress.get(message.sender)
+        if self._state != "leader" or pr is None:
+            return
+        pr.last_contact = now
+        if message.match_index:
+            if pr.on_success(message.match_index):
+                self._maybe_commit(now)
+            self._continue(message.sender, pr, now)
+            return
+        if pr.snapshot is None or message.index != pr.snapshot.index:
+            return  # about a transfer that ended
+        pr.snapshot_offset = min(max(message.received, 0), len(pr.snapshot.data))
+        pr.inflight_until = 0.0
+        self._send_snapshot(message.sender, pr, now)
 
     def _continue(self, peer: str, pr: Progress, now: float) -> None:
         """Keep a follower streaming while it is behind; push a transfer along."""
@@ -397,14 +441,48 @@ class Replication:
 
     def _handle_install_snapshot(self, message: InstallSnapshot, now: float) -> None:
         self._follow(message.sender, now)
-        snapshot = message.snapshot
+        self._install(message.snapshot, now)
+        reply = InstallSnapshotReply(term=self._term, sender=self.node_id, match_index=self._commit)
+        self._send(message.sender, reply)
+
+    def _handle_snapshot_chunk(self, message: SnapshotChunk, now: float) -> None:
+        self._follow(message.sender, now)
+        received, match = self._accept_chunk(message, now)
+        reply = SnapshotChunkReply(
+            term=self._term,
+            sender=self.node_id,
+            index=message.index,
+            received=received,
+            match_index=match,
+        )
+        self._send(message.sender, reply)
+
+    def _accept_chunk(self, message: SnapshotChunk, now: float) -> tuple[int, int]:
+        """Add a piece to the snapshot being assembled; (bytes held, match index or 0)."""
+        if message.index <= self._commit:
+            self._incoming = None  # nothing to install: this node holds those entries
+            return 0, self._commit
+        incoming = self._incoming
+        if incoming is None or not incoming.belongs(message):
+            self._incoming = None
+            if message.offset != 0:
+                return 0, 0  # a later piece of a transfer this node does not hold: restart
+            incoming = self._incoming = SnapshotAssembly(message)
+        if not incoming.add(message) or not message.done:
+            return incoming.received, 0
+        self._incoming = None
+        snapshot = incoming.finish()
+        if snapshot is None:
+            return 0, 0  # the whole does not match its size or checksum: restart
+        self._install(snapshot, now)
+        return 0, self._commit
+
+    def _install(self, snapshot: Snapshot, now: float) -> None:
         if snapshot.index > self._commit:
             if self._log.matches(snapshot.index, snapshot.term):
                 self._commit_to(snapshot.index, now)
             else:
                 self._restore(snapshot, now)
-        reply = InstallSnapshotReply(term=self._term, sender=self.node_id, match_index=self._commit)
-        self._send(message.sender, reply)
 
     def _restore(self, snapshot: Snapshot, now: float) -> None:
         self._log.compact(snapshot)
@@ -414,3 +492,13 @@ class Replication:
         self._out_truncate = snapshot.index + 1
         self._out_snapshot = snapshot
         self._set_membership(Membership(voters=snapshot.voters, learners=snapshot.learners), now)
+
+
+def _within(entries: list[Entry], max_bytes: int) -> list[Entry]:
+    """The leading entries whose data fits in `max_bytes` (always at least one)."""
+    total = 0
+    for count, entry in enumerate(entries):
+        total += len(entry.data)
+        if total > max_bytes and count > 0:
+            return entries[:count]
+    return entries

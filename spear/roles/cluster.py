@@ -17,20 +17,29 @@ import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from spear import wire
 from spear.config import Config
-from spear.errors import ConfigError, SpearError, WireError
+from spear.errors import (
+    ConfigError,
+    ConflictError,
+    FrameTooLargeError,
+    NotFoundError,
+    SpearError,
+    WireError,
+)
 from spear.mesh import (
     RAFT_MESSAGES,
     RAFT_PROFILES,
     SWIM_MESSAGES,
     SWIM_PROFILES,
     BootstrapCandidate,
+    ConfigChangeError,
     Inbound,
     MemberMeta,
     Membership,
@@ -54,6 +63,7 @@ from spear.roles.state import SmsState
 from spear.store import Put, Store
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 JOIN_TOKEN_FILE = "join-token"
 _INCARNATION = b"meta/incarnation"
@@ -65,6 +75,32 @@ ARTIFACT_QUEUE = 64
 APP_QUEUE = 1024
 _RAFT_TYPES = tuple(RAFT_MESSAGES.values())
 _ARTIFACT_TYPES = tuple(ARTIFACT_MESSAGES.values())
+#: what a Raft message may carry besides entry or snapshot data (envelope, ids, entry
+#: headers, the configuration in each snapshot piece), kept free under mesh.max_frame_bytes
+#: (or half of it, for a small cap)
+RAFT_FRAME_HEADROOM_BYTES = 64 * 1024
+#: the most data one Raft message carries: a larger frame would hold up the heartbeats
+#: queued behind it on the link
+RAFT_MAX_PAYLOAD_BYTES = 1024 * 1024
+
+
+def raft_payload_bytes(max_frame_bytes: int) -> int:
+    """The entry data per AppendEntries and the snapshot piece size for a frame cap."""
+    room = max_frame_bytes - min(RAFT_FRAME_HEADROOM_BYTES, max_frame_bytes // 2)
+    return min(RAFT_MAX_PAYLOAD_BYTES, room)
+
+
+class MemberNotFoundError(NotFoundError):
+    """A cluster change names no member of this cluster (HTTP 404)."""
+
+    field = "node_id"
+
+
+class ClusterChangeRefusedError(ConflictError):
+    """A voter or member change was refused by its rule (HTTP 409)."""
+
+    code = "config_change_refused"
+    field = "node_id"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +166,93 @@ class ClusterHandle:
         members = [m.node_id for m in self.gossip.members()]
         return await self.artifacts.ensure(file_id, members)
 
+    # --- changes to the voters (the leader's gateway calls these) ---------------------------
+
+    def resolve_member(self, ref: str) -> str:
+        """The node id of a member of the Raft configuration or the mesh, by id or name.
+
+        Raises:
+            MemberNotFoundError: no member has that id, or no single member that name.
+        """
+        core = self.replicator.core
+        gossip = {m.node_id: m for m in self.gossip.members()}
+        if ref in gossip or ref in core.membership.members:
+            return ref
+        named = [m.node_id for m in gossip.values() if m.meta.name == ref]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise MemberNotFoundError(
+                f"node_id {ref!r} names {len(named)} nodes ({', '.join(sorted(named))});"
+                " give a node id"
+            )
+        raise MemberNotFoundError(
+            f"node_id {ref!r} is not a member of this cluster (give a node id or name)"
+        )
+
+    async def promote(self, ref: str) -> dict[str, Any]:
+        """Make a caught-up learner a voter; the cluster document once committed. A learner
+        still catching up is given one (longest) election timeout to match the leader.
+
+        Raises:
+            MemberNotFoundError: `ref` names no member.
+            ClusterChangeRefusedError: not a learner, not caught up, or a change is pending.
+        """
+        node_id = self.resolve_member(ref)
+        catch_up_s = self.replicator.core.timings.election_timeout_max_s
+        await _refused_as_conflict(self.replicator.promote(node_id, catch_up_s=catch_up_s))
+        return self.status()
+
+    async def demote(self, ref: str) -> dict[str, Any]:
+        """Make a voter a learner; the cluster document once committed.
+
+        Raises:
+            MemberNotFoundError: `ref` names no member.
+            ClusterChangeRefusedError: not a voter, the last voter, or the voters left could
+                not reach their quorum.
+        """
+        node_id = self.resolve_member(ref)
+        await _refused_as_conflict(self.replicator.demote(node_id))
+        return self.status()
+
+    async def remove(self, ref: str) -> dict[str, Any]:
+        """Take a failed member out of the Raft configuration; the cluster document once
+        committed. A member the mesh still sees alive is refused: it would be admitted again
+        as a learner at once (stop it first, or demote it).
+
+        Raises:
+            MemberNotFoundError: `ref` names no member.
+            ClusterChangeRefusedError: alive, not a member of the configuration, the last
+                voter, or the voters left could not reach their quorum.
+        """
+        node_id = self.resolve_member(ref)
+        member = self.gossip.member(node_id)
+        if member is not None and member.state in (MemberState.ALIVE, MemberState.SUSPECT):
+            raise ClusterChangeRefusedError(
+                f"node_id {node_id} is {member.state.value} in the mesh and would rejoin as a"
+                " learner at once; stop it first, or demote it"
+                f" (DELETE /api/v1/cluster/voters/{node_id})"
+            )
+        await _refused_as_conflict(self.replicator.remove_member(node_id))
+        return self.status()
+
+    async def transfer_leadership(self, ref: str) -> dict[str, Any]:
+        """Hand leadership to another voter; the cluster document once this node stopped
+        leading.
+
+        Raises:
+            MemberNotFoundError: `ref` names no member.
+            ClusterChangeRefusedError: not another voter, or the transfer did not complete in
+                time (this node still leads).
+        """
+        node_id = self.resolve_member(ref)
+        if not await _refused_as_conflict(self.replicator.transfer_leadership(node_id)):
+            raise ClusterChangeRefusedError(
+                f"node_id {node_id} did not take over leadership in time (it may be behind or"
+                " unreachable); this node still leads, retry"
+            )
+        return self.status()
+
     def status(self) -> dict[str, Any]:
         """The `GET /api/v1/cluster` document (DESIGN.md section 6)."""
         soft = self.replicator.soft_state
@@ -154,6 +277,13 @@ class ClusterHandle:
             ],
             "raft": self.replicator.core.status(),
         }
+
+
+async def _refused_as_conflict(change: Awaitable[_T]) -> _T:
+    try:
+        return await change
+    except ConfigChangeError as exc:
+        raise ClusterChangeRefusedError(str(exc)) from exc
 
 
 def cluster_key(config: Config, data_dir: Path) -> tuple[bytes, str]:
@@ -268,12 +398,19 @@ async def serve_cluster(
             entries=durable.entries,
             snapshot=durable.snapshot,
             applied=durable.applied,
+            max_payload_bytes=raft_payload_bytes(config.mesh.max_frame_bytes),
         )
 
         def send_raft(to: str, message: object) -> None:
             address = gossip.last_address(to)
-            if address is not None:
+            if address is None:
+                return
+            try:
                 transport.send(address, message)
+            except FrameTooLargeError as exc:
+                # Only an entry larger than the cap can cause this (pieces and batches are
+                # cut to fit): the follower stays behind, the node keeps running.
+                log.error("raft: %s to %s not sent: %s", type(message).__name__, to, exc)
 
         replicator = Replicator(core=core, storage=storage, state=state, send=send_raft)
         sync = ArtifactSync(
@@ -407,8 +544,12 @@ async def _bootstrap_when_ready(
 
 async def _admit_learners(gossip: GossipDriver, replicator: Replicator) -> None:
     """On the leader: every alive member outside the Raft configuration becomes a learner,
-    so it follows the log (and knows the leader) without counting towards quorum."""
+    so it follows the log (and knows the leader) without counting towards quorum.
+
+    A refused addition is retried at the next change of the mesh, of leadership, or of the
+    applied log (a new leader refuses changes until its term's first entry commits)."""
     while True:
+        refused = False
         if replicator.soft_state.role == "leader":
             members = set(replicator.core.voters) | set(replicator.core.learners)
             for member in gossip.members():
@@ -418,12 +559,16 @@ async def _admit_learners(gossip: GossipDriver, replicator: Replicator) -> None:
                         log.info("raft: %s joined as a learner", member.node_id)
                     except SpearError as exc:
                         log.info("raft: %s not added yet: %s", member.node_id, exc)
+                        refused = True
                         break  # retried at the next change
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_after, gossip.wait_change, nursery.cancel_scope)
             nursery.start_soon(
                 _cancel_after, replicator.wait_soft_state_change, nursery.cancel_scope
             )
+            if refused:
+                applied = partial(replicator.wait_applied, replicator.core.applied_index + 1)
+                nursery.start_soon(_cancel_after, applied, nursery.cancel_scope)
 
 
 async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:

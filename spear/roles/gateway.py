@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from pydantic import BaseModel, ConfigDict, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spear.config import GatewayConfig, parse_hostport
@@ -193,9 +193,28 @@ def build_app(
 
 
 class ClusterView(Protocol):
-    """What the gateway asks of the mesh role (spear.roles.cluster.ClusterHandle)."""
+    """What the gateway asks of the mesh role (spear.roles.cluster.ClusterHandle).
+
+    The changes return the cluster document once committed; they raise NotFoundError for
+    an unknown node and ConflictError when a rule refuses the change."""
 
     def status(self) -> dict[str, Any]: ...
+
+    async def promote(self, ref: str) -> dict[str, Any]: ...
+
+    async def demote(self, ref: str) -> dict[str, Any]: ...
+
+    async def remove(self, ref: str) -> dict[str, Any]: ...
+
+    async def transfer_leadership(self, ref: str) -> dict[str, Any]: ...
+
+
+class LeaderTransferRequest(BaseModel):
+    """The body of `POST /api/v1/cluster/leader`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_id: Annotated[str, Field(min_length=1, max_length=256)]
 
 
 def build_control_app(
@@ -266,6 +285,34 @@ def build_control_app(
         }
         doc = {"leader_id": node.node_id, "term": 1, "voters": [node.node_id], "members": [member]}
         return _doc(request, doc)
+
+    def admin() -> ClusterView:
+        if cluster is None:
+            raise UnavailableError("this node has no mesh role to change; retry")
+        return cluster
+
+    @app.post(f"{API}/cluster/voters/{{node_id}}", responses=ERRORS, tags=["cluster"])
+    async def promote_voter(request: Request, node_id: str) -> Response:
+        """Promote a learner (by id or name) to voter once it has caught up with the log.
+        Answers the cluster document once the change is committed."""
+        return _doc(request, await admin().promote(node_id))
+
+    @app.delete(f"{API}/cluster/voters/{{node_id}}", responses=ERRORS, tags=["cluster"])
+    async def demote_voter(request: Request, node_id: str) -> Response:
+        """Demote a voter (by id or name) to learner: it keeps the log but no longer votes.
+        Refused if the voters left could not reach their quorum."""
+        return _doc(request, await admin().demote(node_id))
+
+    @app.delete(f"{API}/cluster/members/{{node_id}}", responses=ERRORS, tags=["cluster"])
+    async def remove_member(request: Request, node_id: str) -> Response:
+        """Remove a failed member (dead or left in the mesh) from the Raft configuration.
+        Refused for a member still alive, and if the voters left could not reach quorum."""
+        return _doc(request, await admin().remove(node_id))
+
+    @app.post(f"{API}/cluster/leader", responses=ERRORS, tags=["cluster"])
+    async def transfer_leader(request: Request, body: LeaderTransferRequest) -> Response:
+        """Hand leadership to another voter; answers once this node no longer leads."""
+        return _doc(request, await admin().transfer_leadership(body.node_id))
 
     def lone_node_doc() -> dict[str, Any]:
         return {

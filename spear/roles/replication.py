@@ -96,6 +96,7 @@ class Replicator:
         self._changed = trio.Event()
         self._applied_changed = trio.Event()
         self._in_thread = blocking_in_thread
+        self._stepped: trio.Event | None = None  # made only while someone waits for a step
         self.dropped_messages = 0
 
     # --- what others read -----------------------------------------------------------------
@@ -163,6 +164,46 @@ class Replicator:
         """
         await self._propose_and_wait(lambda now: self._core.add_learner(node_id, now))
 
+    async def promote(self, node_id: str, *, catch_up_s: float = 0.0) -> None:
+        """Make a caught-up learner a voter; return once the change is committed here.
+
+        A learner still behind the commit index is given up to `catch_up_s` to catch up
+        (its replies arrive with every append) before the core refuses it.
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+            ConfigChangeError: not a learner, not caught up, a change is pending, or the new
+                voters could not reach their quorum.
+            WriteLostError, WriteUnknownError: as for `commit`.
+        """
+        with trio.move_on_after(catch_up_s):
+            while self._core.learner_behind(node_id):
+                await self._wait_step()
+        await self._propose_and_wait(lambda now: self._core.promote(node_id, now))
+
+    async def demote(self, node_id: str) -> None:
+        """Make a voter a learner; return once committed (raises as `promote`)."""
+        await self._propose_and_wait(lambda now: self._core.demote(node_id, now))
+
+    async def remove_member(self, node_id: str) -> None:
+        """Take a voter or learner out of the configuration; return once committed (raises
+        as `promote`)."""
+        await self._propose_and_wait(lambda now: self._core.remove_node(node_id, now))
+
+    async def transfer_leadership(self, target: str) -> bool:
+        """Hand leadership to voter `target`; say whether this node stopped leading within
+        twice the longest election timeout (the target then normally leads).
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+            ConfigChangeError: `target` is not another voter.
+        """
+        await self._run(lambda now: self._core.transfer_leadership(target, now))
+        with trio.move_on_after(2 * self._core.timings.election_timeout_max_s):
+            while self._soft.role == "leader":
+                await self.wait_soft_state_change()
+        return self._soft.role != "leader"
+
     async def _propose_and_wait(self, call: Callable[[float], tuple[int, int, Ready]]) -> None:
         proposal: _Proposal | None = None
 
@@ -219,6 +260,15 @@ class Replicator:
             await self._handle(ready)
             if self._core.next_deadline < deadline:
                 self._wake()
+        if self._stepped is not None:
+            self._stepped.set()
+            self._stepped = None
+
+    async def _wait_step(self) -> None:
+        """Wait until the core handled one more message, timer or call."""
+        if self._stepped is None:
+            self._stepped = trio.Event()
+        await self._stepped.wait()
 
     def _wake(self) -> None:
         # The serve loop sleeps until the deadline it saw; an earlier one needs a nudge.

@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from spear.mesh.raft import RaftCore
+from spear.mesh.raft import DEFAULT_MAX_PAYLOAD_BYTES, RaftCore
 from spear.mesh.raft_messages import RaftMessage
 from spear.mesh.raft_types import SIM, Entry, HardState, RaftTimings, ReadState, Ready, Snapshot
 
@@ -76,8 +76,10 @@ class Cluster:
         seed: int = 0,
         bootstrap: bool = True,
         auto_compact: bool = False,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
         self.timings = timings
+        self.max_payload_bytes = max_payload_bytes
         self.seed = seed
         self.now = 0.0
         self.auto_compact = auto_compact
@@ -118,6 +120,7 @@ class Cluster:
             entries=list(disk.entries),
             snapshot=disk.snapshot,
             applied=disk.snapshot.index if disk.snapshot else 0,
+            max_payload_bytes=self.max_payload_bytes,
         )
         applied = restore_data(disk.snapshot.data) if disk.snapshot else {}
         return Node(core=core, disk=disk, applied=applied)

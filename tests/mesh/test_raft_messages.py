@@ -18,6 +18,8 @@ from spear.mesh.raft_messages import (
     PreVoteReply,
     RaftMessage,
     RequestVote,
+    SnapshotChunk,
+    SnapshotChunkReply,
     TimeoutNow,
     VoteReply,
 )
@@ -56,6 +58,21 @@ SAMPLES: list[RaftMessage] = [
     ),
     InstallSnapshotReply(term=3, sender="c", match_index=9),
     TimeoutNow(term=3, sender="a"),
+    SnapshotChunk(
+        term=3,
+        sender="a",
+        index=9,
+        snapshot_term=3,
+        voters=("a", "b"),
+        learners=("c",),
+        size=5,
+        checksum=b"\x01" * 32,
+        offset=2,
+        data=b"\x00\xff",
+        done=False,
+    ),
+    SnapshotChunkReply(term=3, sender="c", index=9, received=4),
+    SnapshotChunkReply(term=3, sender="c", index=9, match_index=9),
 ]
 
 

@@ -59,8 +59,8 @@ async def wait_leader(nodes: Sequence[NodeHandle]) -> NodeHandle:
     while True:
         async with trio.open_nursery() as race:
             for node in nodes:
-                await race.start(_then_cancel, node.cluster.replicator.wait_soft_state_change, race)
-                await race.start(_then_cancel, node.leader.wait_change, race)
+                await race.start(then_cancel, node.cluster.replicator.wait_soft_state_change, race)
+                await race.start(then_cancel, node.leader.wait_change, race)
             serving = [n for n in nodes if n.leader.service is not None]
             if len(serving) == 1:
                 leader = serving[0]
@@ -70,7 +70,7 @@ async def wait_leader(nodes: Sequence[NodeHandle]) -> NodeHandle:
                     return leader
 
 
-async def _then_cancel(
+async def then_cancel(
     wait: Callable[[], Awaitable[object]],
     race: trio.Nursery,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
