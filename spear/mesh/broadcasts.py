@@ -28,6 +28,8 @@ def retransmit_limit(mult: int, n: int) -> int:
 class _Queued:
     update: Update
     seq: int
+    #: the update's subject when it is an alive update (never sent to that node), else None
+    subject_alive: str | None
     transmits: int = 0
 
 
@@ -38,16 +40,21 @@ class BroadcastQueue:
     numbers (newest first), so taking the few least-sent, newest updates costs O(log n)
     per update rather than a scan or a sorted insert (a mass join queues one update per
     member on every member). A replaced update leaves a stale number in its heap, skipped
-    when it surfaces.
+    when it surfaces. Each tier also counts its live updates, so a take skips empty tiers
+    and stops as soon as a tier has given what it holds, without draining stale numbers
+    (a take in a large cluster is per message sent, the hottest path of the core).
     """
 
-    __slots__ = ("_by_node", "_by_seq", "_mult", "_seq", "_tiers")
+    __slots__ = ("_budgets", "_by_node", "_by_seq", "_live", "_mult", "_seq", "_tiers")
 
     def __init__(self, retransmit_mult: int) -> None:
         self._mult = retransmit_mult
         self._by_node: dict[str, _Queued] = {}
         self._by_seq: dict[int, _Queued] = {}
-        self._tiers: dict[int, list[int]] = {}
+        #: tier t (updates sent t times): a heap of negated queue numbers, and its live count
+        self._tiers: list[list[int]] = [[]]
+        self._live: list[int] = [0]
+        self._budgets: dict[int, int] = {}
         self._seq = 0
 
     def __len__(self) -> int:
@@ -58,11 +65,14 @@ class BroadcastQueue:
         old = self._by_node.get(update.node_id)
         if old is not None:
             del self._by_seq[old.seq]
+            self._live[old.transmits] -= 1
         self._seq += 1
-        item = _Queued(update=update, seq=self._seq)
+        subject = update.node_id if isinstance(update, AliveUpdate) else None
+        item = _Queued(update=update, seq=self._seq, subject_alive=subject)
         self._by_node[update.node_id] = item
         self._by_seq[item.seq] = item
-        heapq.heappush(self._tiers.setdefault(0, []), -item.seq)
+        heapq.heappush(self._tiers[0], -item.seq)
+        self._live[0] += 1
 
     def take(self, limit: int, n: int, *, recipient: str = "") -> tuple[Update, ...]:
         """Up to `limit` updates to send now, counting one transmission for each.
@@ -75,35 +85,56 @@ class BroadcastQueue:
         """
         if limit <= 0 or not self._by_node:
             return ()
+        chosen = self._choose(limit, recipient)
+        budget = self._budgets.get(n)
+        if budget is None:
+            budget = self._budgets[n] = retransmit_limit(self._mult, n)
+        by_node, by_seq, tiers, live = self._by_node, self._by_seq, self._tiers, self._live
+        push = heapq.heappush
+        for item in chosen:
+            transmits = item.transmits = item.transmits + 1
+            if transmits >= budget:
+                del by_node[item.update.node_id]
+                del by_seq[item.seq]
+                continue
+            if transmits == len(tiers):
+                tiers.append([])
+                live.append(0)
+            push(tiers[transmits], -item.seq)
+            live[transmits] += 1
+        return tuple([item.update for item in chosen])
+
+    def _choose(self, limit: int, recipient: str) -> list[_Queued]:
+        """The first `limit` live updates by (transmits, newest first), not counting the
+        recipient's own alive update; each is taken out of its tier."""
         chosen: list[_Queued] = []
-        by_seq, tiers = self._by_seq, self._tiers
-        for transmits in sorted(tiers):
-            heap = tiers[transmits]
-            skipped: list[int] = []
-            while heap and len(chosen) < limit:
-                key = heapq.heappop(heap)
+        by_seq, live = self._by_seq, self._live
+        pop = heapq.heappop
+        for transmits, heap in enumerate(self._tiers):
+            count = live[transmits]
+            if not count:
+                heap.clear()  # only stale numbers are left in it
+                continue
+            skipped: int | None = None
+            while count:
+                key = pop(heap)
                 item = by_seq.get(-key)
                 if item is None or item.transmits != transmits:
-                    continue  # replaced by a newer update, or sent its budget
-                if item.update.node_id == recipient and isinstance(item.update, AliveUpdate):
-                    skipped.append(key)
+                    continue  # replaced by a newer update, or moved to a later tier
+                count -= 1
+                if item.subject_alive == recipient:
+                    skipped = key  # one update per node: at most one is skipped
                     continue
                 chosen.append(item)
-            for key in skipped:
-                heapq.heappush(heap, key)
-            if not heap:
-                del tiers[transmits]
-            if len(chosen) >= limit:
+                if len(chosen) == limit:
+                    break
+            if skipped is not None:
+                heapq.heappush(heap, skipped)
+                count += 1
+            live[transmits] = count
+            if len(chosen) == limit:
                 break
-        budget = retransmit_limit(self._mult, n)
-        for item in chosen:
-            item.transmits += 1
-            if item.transmits >= budget:
-                del self._by_node[item.update.node_id]
-                del by_seq[item.seq]
-            else:
-                heapq.heappush(tiers.setdefault(item.transmits, []), -item.seq)
-        return tuple(item.update for item in chosen)
+        return chosen
 
     def pending(self, node_id: str) -> Update | None:
         """The queued update about `node_id`, if any."""

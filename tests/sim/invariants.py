@@ -3,6 +3,8 @@
 Numbering follows mesh.md §C:
 
 - I1 election safety: at most one leader per term (over the whole run, restarts included);
+  and what it rests on, checked on its own: a node grants at most one vote per term, across
+  its restarts (a vote it forgot shows up as a second vote long before two leaders do);
 - I2 log matching: two entries with the same (index, term) anywhere carry the same data and
   follow an entry of the same term, so by induction their whole prefixes are equal; checked
   incrementally on every append, never by comparing all pairs of logs;
@@ -62,6 +64,7 @@ class RaftObserver:
     """Checks I1-I7 (see the module docstring) as the drivers report their steps."""
 
     leaders: dict[int, str] = field(default_factory=dict)
+    votes: dict[tuple[str, int], str] = field(default_factory=dict)
     entries: dict[tuple[int, int], tuple[bytes, str, int]] = field(default_factory=dict)
     applied: dict[int, tuple[int, bytes]] = field(default_factory=dict)
     max_term: dict[str, int] = field(default_factory=dict)
@@ -118,11 +121,16 @@ class RaftObserver:
             self.check_leader(node)
 
     def check_term(self, node: RaftDriver) -> None:
-        term = node.core.term
+        hard = node.core.hard_state
+        term = hard.term
         seen = self.max_term.get(node.name, 0)
         if term < seen:
             self.fail(node, "I4", f"term went back {seen} -> {term} (lost a durable term?)")
         self.max_term[node.name] = term
+        if hard.voted_for is not None:
+            voted = self.votes.setdefault((node.name, term), hard.voted_for)
+            if voted != hard.voted_for:
+                self.fail(node, "I1", f"voted twice in term {term}: {voted} and {hard.voted_for}")
 
     def check_leader(self, node: RaftDriver) -> None:
         term = node.core.term
