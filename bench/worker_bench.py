@@ -7,9 +7,13 @@ length-prefixed frames with os.read/os.write, driven by trio over its pipes. spe
 input through `ProcessInstance.invoke` to `python -m spear.worker` serving an echo handler
 (CBOR framing both ways, the host session, deadlines, log capture, the outcome). With
 --c-worker (tests/programs/worker.c built for the host), the C worker too, against the same
-floor. Per-call floor: a bare spawn of `cat` by trio (pipes, feed, read, wait); spear:
-`ProcessRuntime.run` of `cat` (rlimit wrapper, clean env, group kill, captures), and the
-same with a cgroup per call when this node can make them (root, a writable hierarchy).
+floor. Per-call floor: a bare spawn of `cat` by trio (`trio.lowlevel.open_process`: pipes,
+feed, read, wait), the "bare spawn" of the issue's target; a strict floor beside it: a
+blocking `subprocess.Popen` of `cat` on the event loop's thread (no thread hop, blocking
+pipes: the least a spawn can cost from Python). spear: `ProcessRuntime.run` of `cat`
+(launcher with the rlimits, clean env, group kill, captures), the same through the
+`/bin/sh` wrapper (`launcher=False`), and with a cgroup per call when this node can make
+them (root, a writable hierarchy).
 
 Floor and spear alternate in rounds (the machine is shared: drift hits both alike); medians
 and 99th percentiles in ms over all rounds; ratios are medians against the floor's. "host
@@ -177,10 +181,39 @@ async def bench_per_call(calls: int, rounds: int, work: Path) -> None:
         await proc.wait()
         return out
 
+    async def strict() -> object:
+        # blocking on purpose: the least a spawn costs, with nothing else to serve meanwhile
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            ["cat"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        proc.stdin.write(INPUT)
+        proc.stdin.close()
+        out = proc.stdout.read()
+        proc.stderr.read()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        return out
+
     async def whole() -> object:
         return await runtime.run(fn, INPUT, deadline=math.inf)
 
-    pairs: list[tuple[str, Timed]] = [("floor", bare), ("spear", whole)]
+    wrapped = ProcessRuntime(ProcessConfig(), work_dir=work / "sh", launcher=False)
+
+    async def shell() -> object:
+        return await wrapped.run(fn, INPUT, deadline=math.inf)
+
+    pairs: list[tuple[str, Timed]] = [
+        ("floor", bare),
+        ("strict", strict),
+        ("spear", whole),
+        ("sh", shell),
+    ]
     cgroups = Cgroups(CgroupSettings())
     if cgroups.active:
         limited = ProcessRuntime(ProcessConfig(), work_dir=work / "cg", cgroups=CgroupSettings())
@@ -193,11 +226,15 @@ async def bench_per_call(calls: int, rounds: int, work: Path) -> None:
         times = await alternate(pairs, calls, rounds)
     finally:
         await runtime.aclose()
+        await wrapped.aclose()
         if cgroups.active:
             await limited.aclose()  # removes its spare cgroups
-    print("process per-call, cat:")
+    print(f"process per-call, cat ({runtime.describe()['launcher']}):")
     report("floor: bare spawn of cat (pipes, feed, read, wait)", times["floor"], None)
+    report("strict floor: blocking Popen, no thread hop", times["strict"], times["floor"])
     report("spear await ProcessRuntime.run()", times["spear"], times["floor"])
+    report("  the same against the strict floor", times["spear"], times["strict"])
+    report("spear run() through the /bin/sh wrapper", times["sh"], times["floor"])
     if "cgroup" in times:
         report("spear run() with a cgroup per call", times["cgroup"], times["floor"])
     else:

@@ -117,6 +117,19 @@ def encode(message: Message) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
+def encode_answer(id_: int, data: bytes, content_type: str) -> bytes:
+    """The frame of `Response(id=id_, ok=True, data=data, content_type=content_type)`, built
+    without the message object (a worker's hot path).
+
+    Raises:
+        WireError: a field holds a value CBOR cannot carry.
+    """
+    payload = dumps(
+        {"type": "response", "id": id_, "ok": True, "data": data, "content_type": content_type}
+    )
+    return _LENGTH.pack(len(payload)) + payload
+
+
 def _hello_doc(m: Any) -> dict[str, Any]:
     return {"type": "hello", "protocol": m.protocol, "max_concurrency": m.max_concurrency}
 
@@ -191,6 +204,21 @@ def _parse_hello(doc: Mapping[str, Any]) -> Hello:
 
 
 def _parse_response(doc: Mapping[str, Any]) -> Response:
+    # The common frame first, checked by exact type (cbor2 makes no subclasses; bool is not
+    # an int here); anything else goes through the field-by-field checks and their messages.
+    id_, data, content_type = doc.get("id"), doc.get("data"), doc.get("content_type")
+    if (
+        doc.get("ok") is True
+        and type(id_) is int
+        and 0 <= id_ <= MAX_ID
+        and type(data) is bytes
+        and type(content_type) is str
+    ):
+        return Response(id=id_, ok=True, data=data, content_type=content_type)
+    return _checked_response(doc)
+
+
+def _checked_response(doc: Mapping[str, Any]) -> Response:
     id_ = _id(doc)
     if _field(doc, "ok", bool, "a boolean"):
         data = _field(doc, "data", bytes, "a byte string")
@@ -206,6 +234,23 @@ def _parse_response(doc: Mapping[str, Any]) -> Response:
 
 
 def _parse_request(doc: Mapping[str, Any]) -> Request:
+    id_, execution_id, deadline_ms = doc.get("id"), doc.get("execution_id"), doc.get("deadline_ms")
+    content_type, data = doc.get("content_type"), doc.get("data")
+    if (  # the fast check of _parse_response
+        type(id_) is int
+        and 0 <= id_ <= MAX_ID
+        and type(execution_id) is str
+        and type(deadline_ms) is int
+        and type(content_type) is str
+        and type(data) is bytes
+    ):
+        return Request(
+            id=id_,
+            execution_id=execution_id,
+            deadline_ms=deadline_ms,
+            content_type=content_type,
+            data=data,
+        )
     return Request(
         id=_id(doc),
         execution_id=_field(doc, "execution_id", str, "a text string"),
@@ -252,6 +297,15 @@ class MessageDecoder:
             if len(self._pending) < max(self._need, _LENGTH.size):
                 return []
             data, self._pending = bytes(self._pending), bytearray()
+        elif len(data) > _LENGTH.size and _LENGTH.unpack_from(data)[0] == len(data) - 4:
+            # One whole frame, the usual read on a round trip: no loop, no leftovers.
+            if len(data) - 4 > self._max:
+                raise FrameTooLargeError(
+                    f"frame of {len(data) - 4} bytes exceeds the cap of {self._max}"
+                )
+            one: list[Message] = []
+            self._parse(loads(data[_LENGTH.size :], max_bytes=self._max), one)
+            return one
         out: list[Message] = []
         pos, size = 0, len(data)
         while size - pos >= _LENGTH.size:

@@ -3,13 +3,13 @@ process of an instance, and a kill that reaches all of them (cgroup v2 or v1).
 
 A node that runs as root with a writable cgroup hierarchy gives each process-runtime instance
 (a per-call run or a worker) a cgroup of its own, `spear-<node pid>-<token>-<n>`, made under the
-node's own cgroup. The instance's shell wrapper joins it before it execs the function
-(`echo $$ > .../cgroup.procs`: no `preexec_fn`, so the spawn keeps CPython's fast path), so
-its first allocation is already counted and everything it forks is a member, also what
-leaves the process group with setsid(). At the end every member is killed and the cgroup
-removed, or, when empty, kept for the next instance with the same memory limit (`MAX_SPARE`;
-the runtime's `aclose` removes them). Cgroups of nodes that are gone (a SIGKILL) are emptied
-and removed when the next `Cgroups` starts.
+node's own cgroup. The instance's launcher (or shell wrapper) joins it before it execs the
+function (it writes itself into `cgroup.procs`: no `preexec_fn`, so the spawn keeps
+CPython's fast path), so its first allocation is already counted and everything it forks is
+a member, also what leaves the process group with setsid(). At the end every member is
+killed and the cgroup removed, or, when empty, kept for the next instance with the same
+memory limit (`MAX_SPARE`; the runtime's `aclose` removes them). Cgroups of nodes that are
+gone (a SIGKILL) are emptied and removed when the next `Cgroups` starts.
 
 - cgroup v2 (one `cgroup2` mount): `memory.max` (and `memory.swap.max` = 0 where swap is
   accounted), `cpu.max`, `pids.max`; the kill is `cgroup.kill` (Linux 5.14+; before it, each
@@ -244,6 +244,10 @@ class Cgroup:
                 _rmdir_quietly(path)
             raise CgroupError(exc.errno, f"cannot set up cgroup {name}: {exc}") from exc
         return cgroup
+
+    def procs_files(self) -> list[Path]:
+        """The `cgroup.procs` files a process writes itself into to join this cgroup."""
+        return [path / "cgroup.procs" for path in self._unique]
 
     def join_script(self) -> str:
         """Shell commands that move the shell running them (`$$`) into this cgroup."""

@@ -89,7 +89,11 @@ class Channel:
         Raises:
             BrokenPipeError: the host is gone.
         """
-        frame = memoryview(encode(message))
+        self.send_frame(encode(message))
+
+    def send_frame(self, encoded: bytes) -> None:
+        """`send` of a frame encoded already (e.g. by `encode_answer`)."""
+        frame = memoryview(encoded)
         sys.stderr.flush()
         with self._lock:
             while frame:

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 from spear.worker.channel import Channel
 from spear.worker.context import Context
-from spear.worker_protocol import Cancel, Hello, Message, Request, Response
+from spear.worker_protocol import (
+    Cancel,
+    Hello,
+    Message,
+    Request,
+    Response,
+    encode,
+    encode_answer,
+)
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -100,6 +108,18 @@ def _call(handler: Handler, request: Request, ctx: Context) -> Response:
         return failure(request, exc)
 
 
+def _call_encoded(handler: Handler, request: Request) -> bytes:
+    """The response frame of `handler` on `request`; bytes out skip the Response object."""
+    ctx = Context.for_request(request)
+    try:
+        result = handler(request.data, ctx)
+    except Exception as exc:
+        return encode(failure(request, exc))
+    if type(result) is bytes:
+        return encode_answer(request.id, result, ctx.response_content_type)
+    return encode(answer(request, ctx, result))
+
+
 # --- a plain function, one request at a time -------------------------------------------------
 
 
@@ -114,7 +134,7 @@ def _serve_inline(handler: Handler, channel: Channel) -> None:
             if message.id in dropped:
                 channel.send(cancelled(message.id))
             else:
-                channel.send(_call(handler, message, Context.for_request(message)))
+                channel.send_frame(_call_encoded(handler, message))
 
 
 # --- a plain function on N threads -------------------------------------------------------------

@@ -188,6 +188,18 @@ async def test_a_call_runs_in_its_own_cgroup_without_rlimit_as(runtime: ProcessR
     assert nothing_runs(runtime)
 
 
+async def test_the_shell_wrapper_joins_the_cgroup_too(tmp_path: Path) -> None:
+    require_cgroups()
+    work = tmp_path / "work"
+    runtime = ProcessRuntime(ProcessConfig(), work_dir=work, cgroups=SETTINGS, launcher=False)
+    try:
+        assert runtime.describe()["launcher"].startswith("/bin/sh")
+        outcome = await runtime.run(sh("cat /proc/self/cgroup"), b"", deadline=FOREVER)
+        assert f"/spear-{os.getpid()}-" in outcome.output.decode()
+    finally:
+        await runtime.aclose()
+
+
 async def test_cgroups_are_reused_and_removed_at_close(tmp_path: Path) -> None:
     require_cgroups()
     runtime = ProcessRuntime(ProcessConfig(), work_dir=tmp_path, cgroups=SETTINGS)
