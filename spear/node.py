@@ -232,7 +232,9 @@ async def _serve_roles(
         commit=replicator.commit,
         replicate_file=mesh.replicate_file,
     )
-    app = build_app(service, info, config.gateway, host, cluster=mesh, nodes=plane.nodes)
+    app = build_app(
+        service, info, config.gateway, host, watchers=nursery, cluster=mesh, nodes=plane.nodes
+    )
 
     async def before_leading() -> None:
         # A new leader may lack blobs uploaded through another: fetch them first.

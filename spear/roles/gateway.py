@@ -184,12 +184,14 @@ def build_app(
     config: GatewayConfig,
     host: HostMetrics,
     *,
+    watchers: trio.Nursery,
     cluster: ClusterView | None = None,
     nodes: NodeService | None = None,
 ) -> Gateway:
-    """The gateway's ASGI application: the invoke fast path in front of the control app."""
+    """The gateway's ASGI application: the invoke fast path in front of the control app.
+    `watchers` runs the tasks that watch for clients hanging up (it outlives requests)."""
     control = build_control_app(service, node, config, host, cluster=cluster, nodes=nodes)
-    return Gateway(service, control, config)
+    return Gateway(service, control, config, watchers)
 
 
 class ClusterView(Protocol):

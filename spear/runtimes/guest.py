@@ -1,7 +1,8 @@
 """One WASM guest run's state, shared by its trio task, its worker thread and the engine.
 
 The trio task may ask it to stop (cancel); the engine's epoch callback asks `should_stop` at
-every tick and traps the guest when it says so; the stdout callback stops it on overflow;
+every tick and traps the guest when it says so; the guest's stdin is read from it and its
+stdout and stderr written to it (wasm_engine's fd_read and fd_write), which stops it on overflow;
 the sleeping `poll_oneoff` waits on it. Plain attribute writes under the GIL are enough for
 the flags: each is set once and only read elsewhere.
 """
@@ -34,6 +35,9 @@ class GuestRun:
         "run_id",
         "spec",
         "started",
+        "stdin",
+        "stdin_pos",
+        "stdout_to_logs",
         "stop_reason",
         "timeout_s",
     )
@@ -56,6 +60,11 @@ class GuestRun:
         self.logs = LogCapture(spec.max_log_bytes)
         self.stop_reason: ErrorCode | None = None
         self._stop_event: threading.Event | None = None
+        #: what the guest reads on fd 0, and how far it read (wasm_engine's fd_read)
+        self.stdin: bytes = b""
+        self.stdin_pos = 0
+        #: a reactor's stdout goes to the invocation's logs (its output is the return value)
+        self.stdout_to_logs = False
 
     def stop(self, reason: ErrorCode) -> None:
         """Ask the guest to stop (from any thread); it traps at its next epoch check."""
@@ -77,6 +86,13 @@ class GuestRun:
         if self.stop_reason is None:
             self._stop_event.wait(max(0.0, min(seconds, self.deadline - time.monotonic())))
         return not self.should_stop()
+
+    def read_stdin(self, size: int) -> bytes:
+        """The next at most `size` bytes of stdin (empty at its end)."""
+        start = self.stdin_pos
+        chunk = self.stdin[start : start + size]
+        self.stdin_pos = start + len(chunk)
+        return chunk
 
     def on_stdout(self, data: bytes) -> None:
         # Past the limit the bytes are dropped and the guest is stopped at the next tick.

@@ -34,8 +34,6 @@ import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 import weakref
 from functools import partial
@@ -123,9 +121,6 @@ class WasmRuntime:
         )
         self._limiter = trio.CapacityLimiter(config.max_threads or 4 * (os.cpu_count() or 1))
         self._ticker = EpochTicker(self._engine.increment_epoch, config.epoch_tick_ms / 1000)
-        shm = Path("/dev/shm")
-        stdin_base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-        self._stdin_dir = Path(tempfile.mkdtemp(prefix="spear-wasm-stdin-", dir=stdin_base))
         self._run_ids = itertools.count(1)
         self._closed = False
         self._inline = InlinePolicy(config.inline_budget_ms / 1000)
@@ -273,9 +268,6 @@ class WasmRuntime:
             for reactor in list(self._reactors):
                 await reactor.aclose()
             await trio.to_thread.run_sync(self._ticker.close)
-            await trio.to_thread.run_sync(
-                partial(shutil.rmtree, self._stdin_dir, ignore_errors=True)
-            )
 
     def statistics(self) -> dict[str, Any]:
         """Compile-cache counters (`compiles`, `disk_hits`, `memory_hits`, `disk_errors`,
@@ -306,11 +298,7 @@ class WasmRuntime:
             return early_outcome(failed(ErrorCode.START_FAILED, str(exc)))
         if run.should_stop():
             return run.outcome(run.stop_verdict() or SUCCEEDED)
-        try:
-            wasi = self._wasi(run, data)
-        except OSError as exc:  # e.g. /dev/shm full
-            message = f"cannot hand the input to the guest: {exc}"
-            return early_outcome(failed(ErrorCode.START_FAILED, message))
+        wasi = self._wasi(run, data)
         store = wasmtime.Store(self._engine)
         try:
             store.set_limits(memory_size=run.spec.memory_limit_bytes)
@@ -330,27 +318,13 @@ class WasmRuntime:
             store.close()  # here and now: a store with Python callbacks must not linger
 
     def _wasi(self, run: GuestRun, data: bytes) -> wasmtime.WasiConfig:
+        """The run's WASI: argv and env; stdio is served from the run (wasm_engine's
+        fd_read and fd_write), so nothing else is configured."""
         wasi = wasmtime.WasiConfig()
         wasi.argv = [run.spec.name, *run.spec.command]
         if run.spec.env:
             wasi.env = list(run.spec.env.items())
-        if data:
-            path = self._stdin_dir / str(run.run_id)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                finally:
-                    os.close(fd)
-                wasi.stdin_file = path  # wasmtime opens it here, so it can go at once
-            finally:
-                os.unlink(path)
-        else:
-            wasi.stdin_file = os.devnull
-        wasi.stdout_custom = run.on_stdout
-        wasi.stderr_custom = run.logs.write
+        run.stdin = data
         return wasi
 
     def _start(self, run: GuestRun, store: wasmtime.Store, pre: wasmtime.InstancePre) -> Verdict:

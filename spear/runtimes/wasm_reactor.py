@@ -32,7 +32,6 @@ its own memory. An open instance keeps the epoch ticker running (see `_started_o
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -156,8 +155,6 @@ class Reactor:
         self._handle: RawFunc | None = None
         #: held by whichever thread is inside the store (a Store is not thread-safe)
         self._mutex = threading.Lock()
-        #: the run inside the guest now (its output callbacks write to it)
-        self._running: GuestRun | None = None
         #: the run of the worker-thread job under way, if any (aclose stops it)
         self._thread_run: GuestRun | None = None
         self._busy = False
@@ -376,21 +373,12 @@ class Reactor:
     def _guest(self, run: GuestRun) -> _GuestScope:
         return _GuestScope(self, run)
 
-    def _to_logs(self, data: bytes) -> None:
-        # wasmtime calls this from its own thread, during the guest's fd_write
-        run = self._running
-        if run is not None:
-            run.logs.write(data)
-
     def _wasi(self) -> wasmtime.WasiConfig:
         wasi = wasmtime.WasiConfig()
         wasi.argv = [self._spec.name, *self._spec.command]
         if self._spec.env:
             wasi.env = list(self._spec.env.items())
-        wasi.stdin_file = os.devnull
-        wasi.stdout_custom = self._to_logs
-        wasi.stderr_custom = self._to_logs
-        return wasi
+        return wasi  # stdio: wasm_engine's fd_read and fd_write, through the run
 
     def _drop_store(self) -> None:
         if self._store is not None:
@@ -420,11 +408,12 @@ class _GuestScope:
 
     def __enter__(self) -> None:
         self._run.ready = time.perf_counter()
+        self._run.stdout_to_logs = True
         self._reactor._host.ticker.enter()
-        self._reactor._running = CURRENT.run = self._run
+        CURRENT.run = self._run
 
     def __exit__(self, *exc: object) -> None:
-        self._reactor._running = CURRENT.run = None
+        CURRENT.run = None
         self._reactor._host.ticker.exit()
 
 

@@ -128,3 +128,31 @@ ENV_COUNT = f"""
     (i32.store (i32.const 204) (i32.const 1))
     (drop (call $fd_write (i32.const 1) (i32.const 200) (i32.const 1) (i32.const 208)))))
 """
+
+_FD_READ = (
+    '(import "wasi_snapshot_preview1" "fd_read"'
+    " (func $fd_read (param i32 i32 i32 i32) (result i32)))"
+)
+
+#: stdio's rules: writes the errnos of fd_write(3), fd_read(1) and fd_read(0) into an iovec
+#: outside memory as three bytes, then reads stdin with one call into two iovecs (2 and 10
+#: bytes) and writes both back with one call
+STDIO_RULES = f"""
+(module
+  {_FD_WRITE}
+  {_FD_READ}
+  (memory (export "memory") 1)
+  (data (i32.const 0) "\\64\\00\\00\\00\\02\\00\\00\\00\\c8\\00\\00\\00\\0a\\00\\00\\00")
+  (data (i32.const 40) "\\f0\\ff\\ff\\ff\\10\\00\\00\\00\\90\\01\\00\\00\\03\\00\\00\\00")
+  (func (export "_start")
+    (i32.store8 (i32.const 400) (call $fd_write (i32.const 3) (i32.const 0) (i32.const 1)
+      (i32.const 304)))
+    (i32.store8 (i32.const 401) (call $fd_read (i32.const 1) (i32.const 0) (i32.const 1)
+      (i32.const 300)))
+    (i32.store8 (i32.const 402) (call $fd_read (i32.const 0) (i32.const 40) (i32.const 1)
+      (i32.const 300)))
+    (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 2) (i32.const 300)))
+    (drop (call $fd_write (i32.const 1) (i32.const 48) (i32.const 1) (i32.const 304)))
+    (i32.store (i32.const 12) (i32.sub (i32.load (i32.const 300)) (i32.const 2)))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 2) (i32.const 304)))))
+"""

@@ -51,6 +51,17 @@ async def test_large_input_streams_through(wasm: WasmRuntime, wasm_spec: WasmSpe
     assert outcome.output == data.upper()
 
 
+async def test_stdio_follows_the_wasi_rules(wasm: WasmRuntime, wasm_spec: WasmSpec) -> None:
+    # stdin, stdout and stderr are served from host memory (wasm_engine's fd_read, fd_write)
+    outcome = await wasm.run(
+        wasm_spec(guests.wasm(guests.STDIO_RULES)), b"abcdef", deadline=FOREVER
+    )
+    assert outcome.status is ExecStatus.SUCCEEDED, outcome.error_message
+    errnos, data = outcome.output[:3], outcome.output[3:]
+    assert list(errnos) == [8, 8, 21]  # EBADF, EBADF, EFAULT
+    assert data == b"abcdef"  # one read filled both buffers, one write sent both
+
+
 async def test_env_is_exactly_the_task_env(wasm: WasmRuntime, wasm_spec: WasmSpec) -> None:
     spec = wasm_spec(guests.wasm(guests.ENV_COUNT), env={"A": "1", "B": "2"})
     outcome = await wasm.run(spec, b"", deadline=FOREVER)
