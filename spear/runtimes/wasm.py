@@ -4,10 +4,11 @@ Mode per-call runs a WASI command module; mode worker keeps a reactor module war
 wasm_reactor.py for its ABI). wasm.py, wasm_engine.py and wasm_reactor.py are the only
 modules that import wasmtime.
 
-A per-call run is a fresh Store, a fresh WasiConfig and the module's `_start` (DESIGN.md section 5):
-input on stdin (a temp file, unlinked at once: WASI stdin is file-only), output and logs
-through byte-counting callbacks, argv `[task name, *command]`, the task's env and nothing
-else (no preopened directory, nothing inherited).
+A per-call run is a fresh Store, a fresh WasiConfig and the module's `_start` (DESIGN.md
+section 5): the input on stdin and the output and logs on stdout and stderr, all three served
+from host memory by spear's own `fd_read` and `fd_write` (wasm_engine.py: wasmtime's file and
+stream stdio hands every read and write to its I/O threads), argv `[task name, *command]`,
+the task's env and nothing else (no preopened directory, nothing inherited).
 
 Limits and how they hold:
 - time: the engine has epoch interruption; one ticker thread bumps the epoch every
