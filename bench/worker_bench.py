@@ -1,19 +1,25 @@
 """Process workers and per-call runs against their floors, measured in the same run.
 
-    python bench/worker_bench.py [--calls N] [--rounds R] [--c-worker FILE]
+    python bench/worker_bench.py [--calls N] [--rounds R] [--cold N] [--c-worker FILE]
 
 Worker floor: a bare pipe round trip to the same kind of process: a Python process echoing
 length-prefixed frames with os.read/os.write, driven by trio over its pipes. spear: the same
 input through `ProcessInstance.invoke` to `python -m spear.worker` serving an echo handler
 (CBOR framing both ways, the host session, deadlines, log capture, the outcome). With
 --c-worker (tests/programs/worker.c built for the host), the C worker too, against the same
-floor. Per-call floor: a bare spawn of `cat` by trio (`trio.lowlevel.open_process`: pipes,
-feed, read, wait), the "bare spawn" of the issue's target; a strict floor beside it: a
-blocking `subprocess.Popen` of `cat` on the event loop's thread (no thread hop, blocking
-pipes: the least a spawn can cost from Python). spear: `ProcessRuntime.run` of `cat`
-(launcher with the rlimits, clean env, group kill, captures), the same through the
-`/bin/sh` wrapper (`launcher=False`), and with a cgroup per call when this node can make
-them (root, a writable hierarchy).
+floor.
+
+Worker cold start (--cold times each, alternating): `start_instance` (spawn, the hello) +
+the first invoke + `aclose`, against the floor's process spawned, one round trip, killed and
+reaped (the Python interpreter's start is most of both).
+
+Per-call floor: a bare spawn of `cat` by trio (`trio.lowlevel.open_process`: pipes, feed,
+read, wait), the "bare spawn" of the issue's target; a strict floor beside it: a blocking
+`subprocess.Popen` of `cat` on the event loop's thread (no thread hop, blocking pipes: the
+least a spawn can cost from Python). spear: `ProcessRuntime.run` of `cat` (launcher with the
+rlimits, clean env, group kill, captures), the same through the `/bin/sh` wrapper
+(`launcher=False`), and with a cgroup per call when this node can make them (root, a
+writable hierarchy).
 
 Floor and spear alternate in rounds (the machine is shared: drift hits both alike); medians
 and 99th percentiles in ms over all rounds; ratios are medians against the floor's. "host
@@ -38,6 +44,7 @@ from pathlib import Path
 import trio
 
 from spear.config import ProcessConfig
+from spear.model import FunctionSpec
 from spear.runtimes import ProcessRuntime
 from spear.runtimes.cgroups import Cgroups, CgroupSettings
 from spear.runtimes.process_worker import ProcessInstance
@@ -90,12 +97,14 @@ class BarePipe:
 Timings = dict[str, tuple[list[float], float]]
 
 
-async def alternate(pairs: list[tuple[str, Timed]], calls: int, rounds: int) -> Timings:
+async def alternate(
+    pairs: list[tuple[str, Timed]], calls: int, rounds: int, *, warmup: int = WARMUP
+) -> Timings:
     """Time each callable `calls` times in all, in turn, over `rounds` rounds."""
     times: dict[str, list[float]] = {name: [] for name, _ in pairs}
     cpu = dict.fromkeys(times, 0.0)
     for _name, fn in pairs:
-        for _ in range(WARMUP):
+        for _ in range(warmup):
             await fn()
     per_round = max(1, calls // rounds)
     for _ in range(rounds):
@@ -162,6 +171,51 @@ async def bench_workers(calls: int, rounds: int, work: Path, c_worker: Path | No
     report("spear ProcessInstance.invoke, python -m spear.worker", times["python"], times["floor"])
     if "c" in times:
         report("spear ProcessInstance.invoke, tests/programs/worker.c", times["c"], times["floor"])
+
+
+async def bench_cold(runs: int, work: Path, c_worker: Path | None) -> None:
+    runtime = ProcessRuntime(ProcessConfig(), work_dir=work / "cold")
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(work)])}
+    python = bench_spec(
+        "process",
+        mode="worker",
+        command=(sys.executable, "-m", "spear.worker", "bench_echo:echo"),
+        env=env,
+    )
+
+    async def bare() -> object:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-c", BARE_ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        try:
+            return await BarePipe(proc).round_trip()
+        finally:
+            proc.kill()
+            await proc.wait()
+
+    def cold(spec: FunctionSpec) -> Timed:
+        async def start_call_close() -> object:
+            instance = await runtime.start_instance(spec)
+            assert isinstance(instance, ProcessInstance)
+            try:
+                return await instance.invoke(INPUT, deadline=math.inf, execution_id="ex-cold")
+            finally:
+                await instance.aclose()
+
+        return start_call_close
+
+    pairs: list[tuple[str, Timed]] = [("floor", bare), ("python", cold(python))]
+    if c_worker is not None:
+        pairs.append(("c", cold(bench_spec("process", mode="worker", command=(str(c_worker),)))))
+    try:
+        times = await alternate(pairs, runs, runs, warmup=2)  # one call of each per round
+    finally:
+        await runtime.aclose()
+    print(f"process worker cold start (first call included), {runs} each:")
+    report("floor: spawn python, one round trip, kill", times["floor"], None)
+    report("spear start_instance + invoke + aclose, python", times["python"], times["floor"])
+    if "c" in times:
+        report("the same, tests/programs/worker.c", times["c"], times["floor"])
 
 
 async def bench_per_call(calls: int, rounds: int, work: Path) -> None:
@@ -245,11 +299,13 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000, help="worker calls (per-call: /10)")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--cold", type=int, default=20, help="worker cold starts of each kind")
     parser.add_argument("--c-worker", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         await bench_workers(args.calls, args.rounds, work, args.c_worker)
+        await bench_cold(args.cold, work, args.c_worker)
         await bench_per_call(max(args.calls // 10, 100), args.rounds, work)
 
 

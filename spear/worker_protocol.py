@@ -206,7 +206,8 @@ def _parse_hello(doc: Mapping[str, Any]) -> Hello:
 def _parse_response(doc: Mapping[str, Any]) -> Response:
     # The common frame first, checked by exact type (cbor2 makes no subclasses; bool is not
     # an int here); anything else goes through the field-by-field checks and their messages.
-    id_, data, content_type = doc.get("id"), doc.get("data"), doc.get("content_type")
+    id_, data = doc.get("id"), doc.get("data")
+    content_type = doc.get("content_type", DEFAULT_CONTENT_TYPE)  # optional
     if (
         doc.get("ok") is True
         and type(id_) is int
@@ -303,8 +304,13 @@ class MessageDecoder:
                 raise FrameTooLargeError(
                     f"frame of {len(data) - 4} bytes exceeds the cap of {self._max}"
                 )
+            doc = loads(data[_LENGTH.size :], max_bytes=self._max)
+            kind = doc.get("type") if type(doc) is dict else None
+            parse = self._parsers.get(kind) if type(kind) is str else None
+            if parse is not None:
+                return [parse(doc)]
             one: list[Message] = []
-            self._parse(loads(data[_LENGTH.size :], max_bytes=self._max), one)
+            self._parse(doc, one)  # the error, or nothing for a type a worker skips
             return one
         out: list[Message] = []
         pos, size = 0, len(data)
@@ -398,6 +404,11 @@ class HostSession:
         return self._max_concurrency
 
     @property
+    def has_room(self) -> bool:
+        """Whether `start_request` may be called now (ready, with a free slot)."""
+        return len(self._deadlines) < self._max_concurrency and self._error is None
+
+    @property
     def in_flight(self) -> int:
         """Requests sent and not yet answered, cancelled ones included."""
         return len(self._deadlines)
@@ -416,7 +427,11 @@ class HostSession:
         if self._error is not None:
             raise self._error
         try:
-            return [self._HANDLERS[type(m)](self, m) for m in self._decoder.feed(data)]
+            messages = self._decoder.feed(data)
+            if len(messages) == 1:  # the usual read: one answer
+                message = messages[0]
+                return [self._HANDLERS[type(message)](self, message)]
+            return [self._HANDLERS[type(m)](self, m) for m in messages]
         except WireError as exc:
             self._error = exc
             raise
@@ -430,7 +445,7 @@ class HostSession:
             RuntimeError: the session is not ready or has no free slot (a caller's bug).
             WireError: a field cannot be encoded.
         """
-        if not self.ready or self.in_flight >= self._max_concurrency:
+        if len(self._deadlines) >= self._max_concurrency or self._error is not None:
             raise RuntimeError("no free slot: wait for the hello and for a response first")
         if not math.isfinite(deadline):
             raise ValueError("a request needs a finite deadline")

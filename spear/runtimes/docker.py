@@ -14,8 +14,9 @@ Limits and how they hold:
   and the call times out. Cancellation removes it the same way, shielded, before
   `trio.Cancelled` leaves `run`.
 - memory: `memory_limit_bytes` as the cgroup limit with swap equal to it (no swap); the
-  kernel's OOM kill is read from the container state and reported as MEMORY_LIMIT. The /tmp
-  tmpfs (`tmp_size_bytes`) counts against the same limit.
+  kernel's OOM kill is read from the container state and reported as MEMORY_LIMIT, and so is
+  a SIGKILL that spear did not send and the daemon did not record as one (see `_wait`). The
+  /tmp tmpfs (`tmp_size_bytes`) counts against the same limit.
 - CPU: a quota of `cpus` (nano_cpus); processes: `pids_limit`.
 - isolation: network `none` by default (only `lo`), read-only root filesystem,
   no-new-privileges, labels `spear.node`/`spear.task`/`spear.execution` on every container so a
@@ -236,8 +237,9 @@ class DockerRuntime:
             raise
         return instance
 
-    async def wait_exit(self, container_id: str) -> tuple[int, bool]:
-        """The exit code of a stopped container and whether it was OOM-killed (-1 if unknown)."""
+    async def wait_exit(self, container_id: str) -> tuple[int, bool | None]:
+        """The exit code of a stopped container (-1 if unknown) and whether it was OOM-killed
+        (None: most likely, see `_wait`)."""
         try:
             return await self._call(self._wait, container_id, abandon=True)
         except RuntimeFailure:
@@ -326,8 +328,15 @@ class DockerRuntime:
         )
         return host_config
 
-    def _wait(self, container_id: str) -> tuple[int, bool]:
-        """The exit code and whether the kernel's OOM killer ended it (blocking)."""
+    def _wait(self, container_id: str) -> tuple[int, bool | None]:
+        """The exit code and whether the kernel's OOM killer ended the container (blocking).
+
+        Call it only for a container spear did not kill. True: the daemon recorded the OOM
+        kill. None: a SIGKILL (137) the daemon did not record as one, most likely the OOM
+        killer's all the same: nothing inside a container can SIGKILL its first process, and
+        the daemon loses the OOM event of a container killed right after it starts (about 1
+        call in 10 on a loaded machine; containerd issue 8180). False: not an OOM kill.
+        """
         status = self._api.wait(container_id)
         code = int(status.get("StatusCode", -1))
         if code == 0:
@@ -340,6 +349,8 @@ class DockerRuntime:
                 break
             time.sleep(OOM_RECHECK_S)  # a worker thread, never the event loop
             oom_killed = self._oom_killed(container_id)
+        if code == SIGKILL_EXIT and not oom_killed:
+            return code, None
         return code, oom_killed
 
     def _oom_killed(self, container_id: str) -> bool:

@@ -55,7 +55,7 @@ class Call:
         self.stop_reason: ErrorCode | None = None
         self.failure: str | None = None
         self.exit_code: int | None = None
-        self.oom_killed = False
+        self.oom_killed: bool | None = False  # see oom_verdict
 
     def stop(self, reason: ErrorCode) -> None:
         if self.stop_reason is None:
@@ -77,13 +77,31 @@ class Call:
         code = -1 if self.exit_code is None else self.exit_code
         if code == 0:
             return SUCCEEDED
-        if self.oom_killed:
-            message = (
-                f"the container was killed by the kernel's OOM killer at its memory_limit_bytes"
-                f" ({self.spec.memory_limit_bytes})"
-            )
-            return failed(ErrorCode.MEMORY_LIMIT, message, code)
+        oom = oom_verdict("the container", self.oom_killed, self.spec.memory_limit_bytes, code)
+        if oom is not None:
+            return oom
         return failed(ErrorCode.EXIT_NONZERO, f"the container exited with code {code}", code)
+
+
+def oom_verdict(
+    what: str, oom_killed: bool | None, memory_limit_bytes: int, code: int
+) -> Verdict | None:
+    """MEMORY_LIMIT for a container the OOM killer ended (`oom_killed` True: the daemon said
+    so; None: a SIGKILL it did not record, see DockerRuntime._wait), else None."""
+    if oom_killed:
+        message = (
+            f"{what} was killed by the kernel's OOM killer at its memory_limit_bytes"
+            f" ({memory_limit_bytes})"
+        )
+        return failed(ErrorCode.MEMORY_LIMIT, message, code)
+    if oom_killed is None:
+        message = (
+            f"{what} was killed by a SIGKILL that spear did not send (exit code {code}): most"
+            f" likely the kernel's OOM killer at its memory_limit_bytes ({memory_limit_bytes}),"
+            " though the daemon did not record it"
+        )
+        return failed(ErrorCode.MEMORY_LIMIT, message, code)
+    return None
 
 
 async def exchange(call: Call, stream: trio.SocketStream, data: bytes) -> None:

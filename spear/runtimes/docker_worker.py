@@ -31,6 +31,7 @@ import trio
 
 from spear.errors import FrameTooLargeError, RuntimeFailure, WireError
 from spear.model import ErrorCode, FunctionSpec, RunOutcome
+from spear.runtimes.docker_call import oom_verdict
 from spear.runtimes.docker_stream import STDERR, FrameReader
 from spear.runtimes.outcomes import (
     SUCCEEDED,
@@ -54,8 +55,9 @@ START_LOG_BYTES: Final = 4096
 class ContainerHost(Protocol):
     """What an instance needs from the runtime that started its container."""
 
-    async def wait_exit(self, container_id: str) -> tuple[int, bool]:
-        """The exit code of a container that stopped, and whether it was OOM-killed."""
+    async def wait_exit(self, container_id: str) -> tuple[int, bool | None]:
+        """The exit code of a container that stopped, and whether it was OOM-killed (None:
+        most likely)."""
         ...
 
     async def remove(self, container_id: str) -> None:
@@ -198,12 +200,10 @@ class DockerInstance:
         """The container closed its stream mid-request: how it ended."""
         code, oom_killed = await self._host.wait_exit(self.container_id)
         await self._kill(f"the worker container exited with code {code}")
-        if oom_killed:
-            message = (
-                "the worker container was killed by the kernel's OOM killer at its"
-                f" memory_limit_bytes ({self._spec.memory_limit_bytes})"
-            )
-            return failed(ErrorCode.MEMORY_LIMIT, message, code)
+        limit = self._spec.memory_limit_bytes
+        oom = oom_verdict("the worker container", oom_killed, limit, code)
+        if oom is not None:
+            return oom
         message = f"the worker container exited with code {code} during the request"
         return failed(ErrorCode.EXIT_NONZERO, message, code)
 

@@ -62,7 +62,9 @@ _LIBC: Final = _load_libc()
 class WorkerPipes:
     """The parent's ends of a worker's stdin, stdout and stderr, plus its pidfd.
 
-    Create with `open()` before spawning, pass `child_fds()` to the spawn, then `attach(pid)`.
+    Create before spawning, pass `child_fds()` to the spawn, then `attach(pid)`.
+    `sending` (read-only) is True while queued bytes wait for stdin: only then has `flush()`
+    anything to do.
     """
 
     def __init__(self) -> None:
@@ -80,7 +82,7 @@ class WorkerPipes:
         self._stderr_open = True
         self._stdout_open = True
         self._outbox: deque[memoryview] = deque()
-        self._watching_stdin = False
+        self.sending = False  # bytes wait in the outbox, stdin is watched
         self._closed = False
         self._timer = (
             -1 if _LIBC is None else _LIBC.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK_CLOEXEC)
@@ -153,7 +155,16 @@ class WorkerPipes:
         Raises:
             BrokenPipeError: the worker closed its stdin (it exited, most likely).
         """
-        self._outbox.append(memoryview(frame))
+        if not self._outbox:  # the usual case: the pipe takes the whole frame at once
+            try:
+                written = os.write(self._stdin, frame)
+            except BlockingIOError:
+                written = 0
+            if written == len(frame):
+                return
+            self._outbox.append(memoryview(frame)[written:])
+        else:
+            self._outbox.append(memoryview(frame))
         self.flush()
 
     def flush(self) -> None:
@@ -178,7 +189,10 @@ class WorkerPipes:
         """What stdout holds now (b"" if nothing), or None at end of file."""
         if not self._stdout_open:
             return None
-        chunk = _read(self._stdout)
+        try:  # inline, no helper: this runs on every wake-up
+            chunk: bytes | None = os.read(self._stdout, READ_CHUNK_BYTES) or None
+        except BlockingIOError:
+            return b""
         if chunk is None:
             # Closed: stop watching it (epoll would report it forever); the exit comes next.
             self._epoll.unregister(self._stdout)
@@ -192,7 +206,10 @@ class WorkerPipes:
 
     def read_stderr(self) -> bytes:
         """What stderr holds now (b"" if nothing or at end of file)."""
-        chunk = _read(self._stderr)
+        try:  # inline, no helper: this runs on every wake-up
+            chunk: bytes | None = os.read(self._stderr, READ_CHUNK_BYTES) or None
+        except BlockingIOError:
+            return b""
         if chunk is None:
             # The worker closed its stderr: stop watching it, or epoll reports it forever.
             if self._stderr_open:
@@ -218,16 +235,9 @@ class WorkerPipes:
         self._outbox.clear()
 
     def _watch_stdin(self, on: bool) -> None:
-        if on != self._watching_stdin:
+        if on != self.sending:
             if on:
                 self._epoll.register(self._stdin, select.EPOLLOUT)
             else:
                 self._epoll.unregister(self._stdin)
-            self._watching_stdin = on
-
-
-def _read(fd: int) -> bytes | None:
-    try:
-        return os.read(fd, READ_CHUNK_BYTES) or None
-    except BlockingIOError:
-        return b""
+            self.sending = on

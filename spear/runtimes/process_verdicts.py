@@ -16,8 +16,6 @@ WORKER_ERROR_CODES: Final = {"memory_limit": ErrorCode.MEMORY_LIMIT}
 FUNCTION_ERROR: Final = ErrorCode.FUNCTION_ERROR
 WORKER_LOST: Final = ErrorCode.WORKER_LOST
 
-SUCCEEDED: Final = Verdict(ExecStatus.SUCCEEDED)
-
 
 def how(code: int) -> str:
     """'exited with code 3' or 'was killed by SIGKILL' for an exit status (-signal)."""
@@ -62,15 +60,23 @@ def crashed(
 
 
 def answered(
-    response: Response, logs: LogCapture, max_output_bytes: int, started: float, sent: float
+    response: Response, logs: bytes, max_output_bytes: int, started: float, sent: float
 ) -> RunOutcome:
     """The outcome of a request the worker answered (`ok`, or with an error)."""
+    if response.ok and len(response.data) <= max_output_bytes:  # the usual answer, built here
+        done = time.perf_counter()
+        return RunOutcome(
+            status=ExecStatus.SUCCEEDED,
+            output=response.data,
+            logs=logs,
+            content_type=response.content_type,
+            cold=False,
+            timings_ms={"acquire": (sent - started) * 1000, "run": (done - sent) * 1000},
+        )
     if not response.ok:
         code = WORKER_ERROR_CODES.get(response.error_code, FUNCTION_ERROR)
         message = f"the function failed ({response.error_code}): {response.error_message}"
         return outcome(failed(code, message), logs, started, sent)
-    if len(response.data) <= max_output_bytes:
-        return outcome(SUCCEEDED, logs, started, sent, response.data, response.content_type)
     output = OutputCapture(max_output_bytes)
     output.write(response.data)  # keeps exactly the first max_output_bytes bytes
     verdict = output_overflowed(max_output_bytes)
@@ -79,7 +85,7 @@ def answered(
 
 def outcome(
     verdict: Verdict,
-    logs: LogCapture,
+    logs: bytes,
     started: float,
     sent: float,
     output: bytes = b"",
@@ -91,7 +97,7 @@ def outcome(
     return RunOutcome(
         status=verdict.status,
         output=output,
-        logs=logs.getvalue(),
+        logs=logs,
         content_type=content_type,
         error_code=verdict.error_code,
         error_message=verdict.message,

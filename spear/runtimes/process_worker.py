@@ -74,15 +74,25 @@ class WorkerSettings:
 class _Waiter:
     """One request in flight: its logs, then its answer or the verdict that replaced it."""
 
-    __slots__ = ("done", "logs", "response", "timeout_s", "verdict", "wake")
+    __slots__ = ("capture", "done", "max_log_bytes", "response", "timeout_s", "verdict", "wake")
 
     def __init__(self, max_log_bytes: int, timeout_s: float = 0.0) -> None:
         self.timeout_s = timeout_s
-        self.logs = LogCapture(max_log_bytes)
+        self.max_log_bytes = max_log_bytes
+        self.capture: LogCapture | None = None  # made at the first chunk: most requests log none
         self.response: Response | None = None
         self.verdict: Verdict | None = None
         self.done = False
         self.wake: trio.Event | None = None  # made when the waiter waits without the pump
+
+    @property
+    def logs(self) -> LogCapture:
+        if self.capture is None:
+            self.capture = LogCapture(self.max_log_bytes)
+        return self.capture
+
+    def log_bytes(self) -> bytes:
+        return b"" if self.capture is None else self.capture.getvalue()
 
     def finish(self, response: Response | None = None, verdict: Verdict | None = None) -> None:
         self.response, self.verdict, self.done = response, verdict, True
@@ -112,6 +122,7 @@ class ProcessInstance:
         self._session = HostSession(max_frame_bytes=spec.max_output_bytes + FRAME_SLACK_BYTES)
         self._waiters: dict[int, _Waiter] = {}
         self._slots = trio.lowlevel.ParkingLot()
+        self._parked = 0  # callers parked in _slots (a ParkingLot's len() is a Python call)
         self._pumping = False
         self._tail = bytearray()
         self._dead: str | None = None
@@ -199,30 +210,34 @@ class ProcessInstance:
         `cancel_grace_s` to answer, else it is killed; then `trio.Cancelled` propagates.
         """
         started = time.perf_counter()
-        timeout_s = effective_timeout_s(self._spec, deadline)
+        offset = self._clock_offset
+        if offset is not None:  # trio's time without asking trio (a few calls less)
+            now = started + offset
+            timeout_s = min(self._spec.timeout_s, deadline - now)  # effective_timeout_s
+        else:
+            now = trio.current_time()
+            timeout_s = effective_timeout_s(self._spec, deadline)
         if timeout_s <= 0:  # never send a request that is late already: it would cost the worker
-            return verdicts.outcome(timed_out(0.0), LogCapture(0), started, started)
-        due = trio.current_time() + timeout_s
-        if self._session.in_flight >= self._session.max_concurrency:
+            return verdicts.outcome(timed_out(0.0), b"", started, started)
+        due = now + timeout_s
+        session = self._session
+        if not session.has_room or self._dead is not None:
             with trio.move_on_at(due):
                 await self._acquire_slot()
-        if self._dead is not None:
-            return verdicts.outcome(verdicts.gone(self._dead), LogCapture(0), started, started)
-        if self._session.in_flight >= self._session.max_concurrency:
-            return verdicts.outcome(timed_out(timeout_s), LogCapture(0), started, started)
-        id_, frame = self._session.start_request(
-            execution_id=execution_id,
-            data=data,
-            content_type=content_type,
-            deadline=due,
-            now=trio.current_time(),
+            if self._dead is not None:
+                return verdicts.outcome(verdicts.gone(self._dead), b"", started, started)
+            if not session.has_room:
+                return verdicts.outcome(timed_out(timeout_s), b"", started, started)
+            now = trio.current_time()
+        id_, frame = session.start_request(
+            execution_id=execution_id, data=data, content_type=content_type, deadline=due, now=now
         )
         waiter = self._waiters[id_] = _Waiter(self._spec.max_log_bytes, timeout_s)
         sent = time.perf_counter()
         try:
             self._send(frame)
-            if self._clock_offset is not None:  # the pump enforces the deadline (_expire)
-                self._pipes.arm(due - self._clock_offset)
+            if offset is not None:  # the pump enforces the deadline (_expire)
+                self._pipes.arm(due - offset)
                 await self._until_done(waiter)
             else:
                 with trio.move_on_at(due):
@@ -277,7 +292,8 @@ class ProcessInstance:
                     self._pump()
             finally:
                 self._pumping = False
-                self._pass_pump()
+                if len(self._waiters) > 1:  # someone else may need the pump now
+                    self._pass_pump()
 
     def _pass_pump(self) -> None:
         for other in self._waiters.values():
@@ -292,17 +308,19 @@ class ProcessInstance:
         if self._dead is not None:  # the pipes may be closed already
             return
         broken = False
-        try:
-            self._pipes.flush()
-        except BrokenPipeError:
-            broken = True
+        if self._pipes.sending:
+            try:
+                self._pipes.flush()
+            except BrokenPipeError:
+                broken = True
         chunk = self._pipes.read_stdout()
         # stderr after stdout: a worker writes a request's logs before its answer, so every
         # log line of the answers in `chunk` is there by now
         logs = self._pipes.read_stderr()
-        while len(logs) == READ_CHUNK_BYTES:
-            logs += self._pipes.read_stderr()
-        self._take_logs(logs)
+        if logs:
+            if len(logs) == READ_CHUNK_BYTES:
+                logs += self._pipes.read_stderr()
+            self._take_logs(logs)
         if chunk and not self._receive(chunk):
             return
         if self._pipes.disarm_fired():
@@ -343,13 +361,13 @@ class ProcessInstance:
     def _handle_completed(self, event: Event) -> None:
         assert isinstance(event, Completed)
         self._waiters[event.response.id].finish(response=event.response)
-        if self._slots:
+        if self._parked:
             self._slots.unpark()
 
     def _handle_discarded(self, event: Event) -> None:
         assert isinstance(event, Discarded)
         self._waiters[event.id].finish()
-        if self._slots:
+        if self._parked:
             self._slots.unpark()
 
     _HANDLERS: Final[dict[type, Callable[[ProcessInstance, Event], None]]] = {
@@ -386,7 +404,7 @@ class ProcessInstance:
                     self._pump()
         finally:
             del self._waiters[0]
-        self._tail += hello.logs.getvalue()
+        self._tail += hello.log_bytes()
         if not self._session.ready:
             reason = self._dead or f"it sent no hello frame within {timeout_s:.3f} s"
             tail = self._tail.decode(errors="replace").strip()
@@ -395,7 +413,11 @@ class ProcessInstance:
 
     async def _acquire_slot(self) -> None:
         while self._dead is None and self._session.in_flight >= self._session.max_concurrency:
-            await self._slots.park()
+            self._parked += 1
+            try:
+                await self._slots.park()
+            finally:
+                self._parked -= 1
 
     async def _abandon(self, id_: int, waiter: _Waiter) -> None:
         if waiter.done or self._dead is not None:
@@ -467,9 +489,10 @@ class ProcessInstance:
     def _answer_outcome(self, waiter: _Waiter, started: float, sent: float) -> RunOutcome:
         if waiter.response is None:
             assert waiter.verdict is not None
-            return verdicts.outcome(waiter.verdict, waiter.logs, started, sent)
+            return verdicts.outcome(waiter.verdict, waiter.log_bytes(), started, sent)
         limit = self._spec.max_output_bytes
-        return verdicts.answered(waiter.response, waiter.logs, limit, started, sent)
+        logs = b"" if waiter.capture is None else waiter.capture.getvalue()  # log_bytes()
+        return verdicts.answered(waiter.response, logs, limit, started, sent)
 
 
 def _system_clock_offset() -> float | None:

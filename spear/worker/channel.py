@@ -62,9 +62,15 @@ class Channel:
         Raises:
             WireError: the host broke the protocol.
         """
-        while True:
-            messages = self.read_once()
-            if messages is None or messages:
+        while True:  # read_once inlined: this is the worker's hot path
+            try:
+                chunk = os.read(self._in, READ_CHUNK_BYTES)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                return None
+            messages = self._decoder.feed(chunk)
+            if messages:
                 return messages
 
     def read_once(self) -> list[Message] | None:
@@ -93,8 +99,10 @@ class Channel:
 
     def send_frame(self, encoded: bytes) -> None:
         """`send` of a frame encoded already (e.g. by `encode_answer`)."""
-        frame = memoryview(encoded)
         sys.stderr.flush()
         with self._lock:
-            while frame:
-                frame = frame[os.write(self._out, frame) :]
+            written = os.write(self._out, encoded)
+            if written < len(encoded):  # a frame larger than the pipe takes at once
+                rest = memoryview(encoded)[written:]
+                while rest:
+                    rest = rest[os.write(self._out, rest) :]

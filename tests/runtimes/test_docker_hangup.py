@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from contextlib import closing
 from typing import Any, Final
 
 import docker
@@ -15,6 +15,7 @@ import pytest
 
 from spear.runtimes.docker import LABEL_TASK
 from tests.docker_env import BUSYBOX
+from tests.runtimes.test_docker_node import serving
 from tests.subprocesses import NodeProcess
 
 pytestmark = pytest.mark.docker
@@ -26,31 +27,20 @@ STOP_WITHIN_S: Final = 20
 TASK_TIMEOUT_MS: Final = 600_000
 
 
-def serving(client: httpx.Client) -> None:
-    """Return once the node serves its API (503 with Retry-After while leadership settles;
-    a process outside the test's clock: bounded backoff)."""
-    delay_s = 0.05
-    for _ in range(40):
-        resp = client.get("/api/v1/nodes")
-        if resp.status_code != 503:
-            return
-        time.sleep(min(delay_s, float(resp.headers.get("retry-after", delay_s))))
-        delay_s = min(delay_s * 2, 1.0)
-    pytest.fail(f"the node did not serve /api/v1/nodes: {resp.text}")
-
-
-def events(
-    api: docker.APIClient, task_id: str, kinds: list[str], since: float, within_s: float
-) -> Iterator[dict[str, Any]]:
-    """The daemon's container events of `kinds` for the task's containers from `since`,
-    ending `within_s` after it (the daemon closes the stream then)."""
-    found: Iterator[dict[str, Any]] = api.events(
+def first_event(
+    api: docker.APIClient, task_id: str, kind: str, since: float, within_s: float
+) -> dict[str, Any] | None:
+    """The daemon's first container event `kind` for the task's containers from `since`, or
+    None if there is none by `within_s` after it (the daemon ends the stream then)."""
+    stream = api.events(
         since=int(since),
         until=int(since + within_s) + 1,
-        filters={"type": "container", "event": kinds, "label": f"{LABEL_TASK}={task_id}"},
+        filters={"type": "container", "event": [kind], "label": f"{LABEL_TASK}={task_id}"},
         decode=True,
     )
-    return found
+    with closing(stream):  # its HTTP response, left open, would warn when collected
+        found: dict[str, Any] | None = next(iter(stream), None)
+        return found
 
 
 def invoke_raw(http: str, task: str) -> socket.socket:
@@ -85,14 +75,15 @@ def test_a_client_that_hangs_up_stops_the_container(
         since = time.time() - 1
         sock = invoke_raw(spear_node.http, "sleeper")
         try:
-            started = next(
-                iter(events(docker_api, task_id, ["start"], since, EVENT_WITHIN_S)), None
-            )
+            started = first_event(docker_api, task_id, "start", since, EVENT_WITHIN_S)
             assert started is not None, "the container never started"
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):  # no answer yet: the call is in flight
+                sock.recv(1)
         finally:
             sock.close()  # the hang-up, while the container runs
         hung_up = time.time()
-        died = next(iter(events(docker_api, task_id, ["die"], hung_up - 1, STOP_WITHIN_S)), None)
+        died = first_event(docker_api, task_id, "die", hung_up - 1, STOP_WITHIN_S)
         assert died is not None, f"the container still ran {STOP_WITHIN_S} s after the hang-up"
         assert died["id"] == started["id"]
         listed = client.get("/api/v1/executions", params={"task": "sleeper"}).json()
@@ -102,9 +93,7 @@ def test_a_client_that_hangs_up_stops_the_container(
         ).json()
         assert record["status"] == "cancelled", record
         # and the container is removed, not only stopped
-        gone = next(
-            iter(events(docker_api, task_id, ["destroy"], hung_up - 1, STOP_WITHIN_S)), None
-        )
+        gone = first_event(docker_api, task_id, "destroy", hung_up - 1, STOP_WITHIN_S)
         assert gone is not None, "the stopped container was not removed"
         left = docker_api.containers(all=True, filters={"label": f"{LABEL_TASK}={task_id}"})
         assert left == []

@@ -171,19 +171,24 @@ def start(session: HostSession, *, now: float = 0.0, deadline: float = 10.0) -> 
 
 def test_a_session_serves_requests_up_to_the_announced_concurrency() -> None:
     session = ready_session(2)
-    first, second = start(session), start(session)
+    first = start(session)
+    room = [session.has_room]
+    second = start(session)
     assert first != second and session.in_flight == 2
+    room.append(session.has_room)
     with pytest.raises(RuntimeError, match="no free slot"):
         start(session)
     answer = Response(id=second, ok=True, data=b"out")
     assert session.receive(encode(answer)) == [Completed(response=answer)]
     assert session.in_flight == 1
+    room.append(session.has_room)
+    assert room == [True, False, True]
     start(session)
 
 
 def test_requests_wait_for_the_hello() -> None:
     session = HostSession()
-    assert not session.ready and session.max_concurrency == 0
+    assert not session.ready and session.max_concurrency == 0 and not session.has_room
     with pytest.raises(RuntimeError, match="wait for the hello"):
         start(session)
 
@@ -203,7 +208,7 @@ def test_out_of_order_frames_break_the_session_for_good(first: Message, rule: st
         session.receive(encode(first))
     with pytest.raises(WorkerProtocolError, match=rule):
         session.receive(b"")
-    assert not session.ready
+    assert not session.ready and not session.has_room
 
 
 def test_an_answer_to_an_id_not_in_flight_is_a_violation() -> None:
