@@ -92,17 +92,21 @@ class Connection:
         self._buf += chunk
 
 
-async def load(port: int, path: str, *, clients: int, seconds: float, expect: bytes) -> Figures:
+async def load(
+    port: int, path: str, *, clients: int, seconds: float, expect: bytes, body: bytes = BODY
+) -> Figures:
+    """`clients` keep-alive clients posting `body` for `seconds`; each answer must be 200
+    with `expect`."""
     latencies: list[float] = []
 
     async def client() -> None:
         conn = Connection(await trio.open_tcp_stream("127.0.0.1", port))
         for _ in range(20):  # warm-up, not counted
-            await conn.post(path, BODY)
+            await conn.post(path, body)
         end = trio.current_time() + seconds
         while trio.current_time() < end:
             t0 = time.perf_counter()
-            status, payload = await conn.post(path, BODY)
+            status, payload = await conn.post(path, body)
             latencies.append(time.perf_counter() - t0)
             if status != 200 or payload != expect:
                 raise RuntimeError(f"bad answer {status}: {payload[:200]!r}")

@@ -60,6 +60,8 @@ class NodeHandle:
     data_dir: Path
     cluster: ClusterHandle
     leader: LeaderServices
+    #: the gateway app this node serves as a follower (relay and direct invocations)
+    follower: ForwardingApp
 
     @property
     def service(self) -> TaskService:
@@ -210,6 +212,7 @@ async def _serve_roles(
     # the service's async workers (building the app costs a few hundred milliseconds, which
     # would otherwise lengthen every failover).
     plane = build_execution_plane(config, mesh=mesh, spearlet=spearlet, state=state, leader=leader)
+    follower.attach_direct(plane.direct)  # sync invocations received as a follower
     await nursery.start(
         partial(
             serve_execution_plane,
@@ -261,6 +264,7 @@ async def _serve_roles(
         data_dir=data_dir,
         cluster=mesh,
         leader=leader,
+        follower=follower,
     )
 
 

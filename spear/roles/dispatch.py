@@ -1,8 +1,11 @@
 """Dispatch between the leader and the Spearlets: the messages and the pure rules.
 
 The leader places an invocation and sends it to the chosen Spearlet as a `Dispatch` carrying
-`(term, leader_id)` (DESIGN.md section 3). A sync dispatch is answered with its
-`ExecutionResult`; an async one is answered `DispatchAccepted` at once, and the Spearlet later
+`(term, leader_id)` (DESIGN.md section 3). A sync invocation a follower received is placed
+by the leader at the follower's request (`SyncPlace`), but the follower itself sends the
+leader's `Dispatch`, with the input, to the chosen Spearlet and reports how it ended
+(`SyncOutcome`): the data never passes through the leader. A sync dispatch is answered with
+its `ExecutionResult`; an async one is answered `DispatchAccepted` at once, and the Spearlet later
 delivers the `ExecutionResult` to whichever node leads then, again and again until a
 `ResultAck` says it is committed.
 
@@ -127,6 +130,68 @@ class ResultAck:
     attempt: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncPlace:
+    """Place a sync invocation this follower received (request, follower -> leader).
+
+    Answered `SyncPlaced` (send the dispatch there), `SyncRecorded` (it ran on the leader,
+    or an invocation with the same idempotency key has ended: its record and output) or
+    `DispatchRefused` (no node can take it; `code` is an error code of spear.errors).
+
+    A small input travels with the request (`inline`): placed on the leader, the invocation
+    runs there at once, and the answer is its record and output (one round trip instead of
+    three); placed elsewhere, the follower sends the input there as for a large one.
+    """
+
+    task: str  # the task's id or name, as the client gave it
+    input_bytes: int
+    timeout_ms: int = 0  # the client's own deadline; 0: none
+    idempotency_key: str = ""  # "": none
+    execution_id: str = ""  # placing it again: the node chosen before could not be reached
+    exclude: tuple[str, ...] = ()
+    inline: bool = False
+    data: bytes = b""  # the input, when inline
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncPlaced:
+    """Where a follower's sync invocation runs: the leader's dispatch, complete but for its
+    input (the follower adds it and sends it to `dispatch`'s node itself)."""
+
+    node_id: str
+    dispatch: Dispatch
+    record: bytes  # the execution's record as the leader keeps it (CBOR)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncRun:
+    """Run the sync invocation you placed on yourself, with this input (request, follower
+    -> leader): the leader keeps the output it makes. Answered `SyncRecorded` (the record and
+    output) or `DispatchRefused`."""
+
+    execution_id: str
+    data: bytes
+    timeout_ms: int  # the placed dispatch's
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncOutcome:
+    """How a sync invocation placed for this follower ended (request, follower -> leader);
+    without a result it did not run (its node refused it). Answered `SyncRecorded`."""
+
+    execution_id: str
+    result: ExecutionResult | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncRecorded:
+    """The leader's record of a sync invocation (CBOR), with its output when the asker lacks
+    it (an earlier invocation with the same idempotency key)."""
+
+    record: bytes
+    output: bytes = b""
+
+
 #: append-only wire tags
 DISPATCH_MESSAGES: dict[str, type] = {
     "dispatch.run": Dispatch,
@@ -137,6 +202,11 @@ DISPATCH_MESSAGES: dict[str, type] = {
     "dispatch.result_ack": ResultAck,
     "dispatch.probe": DispatchProbe,
     "dispatch.probe_answer": ProbeAnswer,
+    "dispatch.sync_place": SyncPlace,
+    "dispatch.sync_placed": SyncPlaced,
+    "dispatch.sync_outcome": SyncOutcome,
+    "dispatch.sync_recorded": SyncRecorded,
+    "dispatch.sync_run": SyncRun,
 }
 
 

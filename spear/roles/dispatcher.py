@@ -187,6 +187,32 @@ class Dispatcher:
                 self.placer.release(ticket)
         raise UnavailableError("no reachable node could take the invocation; retry later")
 
+    async def run_here(
+        self, task: TaskRecord, execution_id: ExecutionId, data: bytes, timeout_s: float | None
+    ) -> RunOutcome:
+        """Run a sync invocation placed on this node, on its Spearlet (no message at all).
+
+        Raises:
+            SaturatedError, UnavailableError: it did not start.
+        """
+        return await self._spearlet.execute(task, execution_id, data, timeout_s=timeout_s)
+
+    def sync_dispatch(
+        self,
+        task: TaskRecord,
+        execution_id: str,
+        node_id: str,
+        timeout_s: float | None,
+        data: bytes = b"",
+    ) -> Dispatch:
+        """The dispatch of a sync invocation to `node_id`: the task's timeout, shortened by
+        the caller's `timeout_s`. A follower that received the invocation gets it without
+        its input (`data`), adds the input and sends it itself."""
+        budget = self._spearlet.function_spec(task).timeout_s
+        if timeout_s is not None:
+            budget = min(budget, timeout_s)
+        return self._dispatch(node_id, task, execution_id, 1, data, "sync", budget, None)
+
     async def _run_remote(
         self,
         task: TaskRecord,
@@ -195,24 +221,22 @@ class Dispatcher:
         node_id: str,
         timeout_s: float | None,
     ) -> RunOutcome:
-        budget = self._spearlet.function_spec(task).timeout_s
-        if timeout_s is not None:
-            budget = min(budget, timeout_s)
-        message = self._dispatch(node_id, task, execution_id, 1, data, "sync", budget, None)
+        message = self.sync_dispatch(task, execution_id, node_id, timeout_s, data)
+        budget = message.timeout_ms / 1000
         try:
             reply = await self._request(node_id, message, budget + REPLY_GRACE_S)
         except PeerUnreachableError:
             raise
         except (LinkClosedError, RequestTimeoutError, RemoteError) as exc:
-            return _lost(node_id, exc)
+            return lost_outcome(node_id, exc)
         except BaseException:
             self.cancel(node_id, execution_id)
             raise
         if isinstance(reply, ExecutionResult):
             return outcome_of(reply)
         if isinstance(reply, DispatchRefused):
-            raise _refusal_error(node_id, reply)
-        return _lost(node_id, SpearError(f"unexpected reply {type(reply).__name__}"))
+            raise refusal_error(node_id, reply)
+        return lost_outcome(node_id, SpearError(f"unexpected reply {type(reply).__name__}"))
 
     # --- async -------------------------------------------------------------------------------
 
@@ -248,7 +272,7 @@ class Dispatcher:
         if isinstance(reply, DispatchAccepted):
             return Started(node_id=node_id, attempt=attempt, ticket=ticket, outcome="accepted")
         if isinstance(reply, DispatchRefused):
-            raise _refusal_error(node_id, reply)
+            raise refusal_error(node_id, reply)
         raise DispatchRefusedError(node_id, "refused", f"unexpected reply {type(reply).__name__}")
 
     async def probe(self, node_id: str, attempts: list[tuple[str, int]]) -> list[bool] | None:
@@ -285,7 +309,8 @@ class Dispatcher:
             log.info("cancel of %s could not be sent to %s: %s", execution_id, node_id, exc)
 
 
-def _refusal_error(node_id: str, reply: DispatchRefused) -> SpearError:
+def refusal_error(node_id: str, reply: DispatchRefused) -> SpearError:
+    """The error a Spearlet's refusal of a dispatch means to the invocation's caller."""
     if reply.code == SaturatedError.code:
         return SaturatedError(
             f"node {node_id} is at capacity: {reply.message}",
@@ -296,7 +321,9 @@ def _refusal_error(node_id: str, reply: DispatchRefused) -> SpearError:
     )
 
 
-def _lost(node_id: str, exc: Exception) -> RunOutcome:
+def lost_outcome(node_id: str, exc: Exception) -> RunOutcome:
+    """How an invocation ends whose node was lost while it ran it (a sync one is never run
+    again)."""
     return RunOutcome(
         status=ExecStatus.FAILED,
         error_code=ErrorCode.NODE_LOST,

@@ -10,7 +10,9 @@ the registry, placement and dispatch of the whole cluster's invocations.
 - the router of the mesh messages of both: reports and results are taken only while this
   node leads and may answer as leader (a leader paused past its check-quorum window acks
   nothing, so it renews no lease it could not stand behind);
-- on the leader, the refresh of the placer's views as gossip and leases change.
+- on the leader, the refresh of the placer's views as gossip and leases change;
+- the direct path of sync invocations a follower receives: the follower's side
+  (`DirectInvoke`, attached to the node's forwarding app) and the leader's (`SyncDesk`).
 """
 
 from __future__ import annotations
@@ -27,15 +29,22 @@ from spear.config import Config
 from spear.host import HostMetrics
 from spear.mesh import Inbound
 from spear.roles.cluster import ClusterHandle
+from spear.roles.direct_invoke import DirectInvoke
+from spear.roles.direct_sync import SyncDesk
 from spear.roles.dispatch import (
     DISPATCH_MESSAGES,
     Dispatch,
     DispatchCancel,
     DispatchProbe,
+    DispatchRefused,
     ExecutionResult,
     ResultAck,
+    SyncOutcome,
+    SyncPlace,
+    SyncPlaced,
+    SyncRun,
 )
-from spear.roles.dispatcher import Dispatcher
+from spear.roles.dispatcher import REPLY_GRACE_S, Dispatcher
 from spear.roles.function_service import FunctionService
 from spear.roles.leadership import LeaderServices
 from spear.roles.nodes import (
@@ -70,6 +79,8 @@ class ExecutionPlane:
     dispatcher: Dispatcher
     nodes: NodeService
     feed: PlacementFeed
+    desk: SyncDesk
+    direct: DirectInvoke
 
 
 def build_execution_plane(
@@ -124,7 +135,22 @@ def build_execution_plane(
     feed = PlacementFeed(
         dispatcher=dispatcher, nodes=nodes, state=state, members=mesh.gossip.members
     )
-    return ExecutionPlane(functions=functions, dispatcher=dispatcher, nodes=nodes, feed=feed)
+    direct = DirectInvoke(
+        functions=functions,
+        request=mesh.request,
+        send=mesh.send,
+        leader_id=lambda: replicator.soft_state.leader_id,
+        max_body_bytes=config.gateway.max_invoke_body_bytes,
+        place_timeout_s=config.runtimes.max_timeout_ms / 1000 + REPLY_GRACE_S,
+    )
+    return ExecutionPlane(
+        functions=functions,
+        dispatcher=dispatcher,
+        nodes=nodes,
+        feed=feed,
+        desk=SyncDesk(dispatcher=dispatcher),
+        direct=direct,
+    )
 
 
 async def serve_execution_plane(
@@ -179,6 +205,7 @@ async def serve_execution_plane(
         functions.renew(ack.term, sent_at, lease_s)
 
     def on_term_start() -> None:
+        plane.desk.reset()
         # The new leader hears itself at once: its own Spearlet is placeable before the
         # first interval, and holds a lease for async work.
         now = trio.current_time()
@@ -194,6 +221,7 @@ async def serve_execution_plane(
         await nursery.start(functions.serve)
         nursery.start_soon(_route, mesh.app_inbound, plane, leader, taking_as_leader, nursery)
         nursery.start_soon(_refresh_views, plane, leader)
+        nursery.start_soon(plane.desk.watch_origins, lambda: leader.service)
         await nursery.start(
             lambda task_status: serve_reports(
                 interval_s=interval_s,
@@ -236,6 +264,8 @@ async def _route(
             await answer_report(inbound, plane.feed, leading=taking_as_leader(), now=now)
         elif isinstance(message, ExecutionResult):
             nursery.start_soon(_answer_result, leader, message, inbound, taking_as_leader)
+        elif isinstance(message, SyncPlace | SyncRun | SyncOutcome):
+            nursery.start_soon(_answer_sync, plane.desk, leader, message, inbound, taking_as_leader)
 
 
 async def _answer_dispatch(functions: FunctionService, message: Dispatch, inbound: Inbound) -> None:
@@ -258,6 +288,40 @@ async def _answer_result(
         inbound.reply.fail_nowait("not_leader", "this node does not take results now")
     else:
         await inbound.reply.send(ack)
+
+
+async def _answer_sync(
+    desk: SyncDesk,
+    leader: LeaderServices,
+    message: SyncPlace | SyncRun | SyncOutcome,
+    inbound: Inbound,
+    taking_as_leader: Callable[[], bool],
+) -> None:
+    """A follower's sync invocation: place it, or record how it ended (as leader only)."""
+    assert inbound.reply is not None
+    service = leader.service
+    if service is None or not taking_as_leader():
+        execution_id = message.execution_id
+        refused = DispatchRefused(
+            execution_id=execution_id,
+            code="unavailable",
+            message="this node does not lead now; retry shortly",
+            retry_after_s=1.0,
+        )
+        await inbound.reply.send(refused)
+    elif isinstance(message, SyncPlace):
+        responder = inbound.reply
+        answer = await desk.place(service, message, inbound.peer_id, lambda: responder.cancelled)
+        if isinstance(answer, SyncPlaced) and responder.cancelled:
+            desk.withdraw(service, answer.dispatch.execution_id)
+        await responder.send(answer)
+    elif isinstance(message, SyncRun):
+        responder = inbound.reply
+        await responder.send(
+            await desk.run(service, message, inbound.peer_id, lambda: responder.cancelled)
+        )
+    else:
+        await inbound.reply.send(desk.settle(service, message, inbound.peer_id))
 
 
 async def _refresh_views(plane: ExecutionPlane, leader: LeaderServices) -> None:

@@ -1,9 +1,13 @@
-"""A follower's gateway: every API request is forwarded to the leader's gateway, streamed.
+"""A follower's gateway: API requests are forwarded to the leader's gateway, streamed.
 
 Clients may talk to any node (DESIGN.md section 6): a follower relays the request (method,
 path, query, headers and body, streamed both ways) to the gateway of the leader it knows for
 the current term and relays the answer back unchanged. With no leader known, or the leader
 unreachable, it answers 503 with `Retry-After` itself and never serves stale state.
+
+Sync invocations are the exception once the node's execution plane has attached its
+`DirectInvoke` (spear.roles.direct_invoke): the leader only places them, and their input and
+output go from this node to the chosen Spearlet and back, never through the leader.
 
 A forwarded request carries `X-Spear-Forwarded-By`; a node that is not the leader refuses to
 forward such a request again (503), so a leader change can never make requests loop.
@@ -18,6 +22,7 @@ from typing import Final
 import httpx
 
 from spear.errors import UnavailableError
+from spear.roles.direct_invoke import DirectInvoke
 from spear.roles.invoke_path import Receive, Scope, Send, error_doc_answer
 
 log = logging.getLogger(__name__)
@@ -64,11 +69,28 @@ class ForwardingApp:
         self._node_id = node_id
         self._client = client
         self._retry_after_s = retry_after_s
+        self._direct: DirectInvoke | None = None
+        self._relayed = 0
+
+    def attach_direct(self, direct: DirectInvoke) -> None:
+        """Serve sync invocations through `direct` from now on (see the module docstring)."""
+        self._direct = direct
+
+    def statistics(self) -> dict[str, object]:
+        """Requests relayed to the leader's gateway, and the direct path's counters."""
+        direct = None if self._direct is None else self._direct.statistics()
+        return {"relayed": self._relayed, "direct": direct}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
+        if self._direct is not None:
+            task = self._direct.takes(scope)
+            if task is not None:
+                await self._direct.serve(scope, receive, send, task)
+                return
+        self._relayed += 1
         leader = self._locate_leader()
         headers = _forwarded_headers(scope["headers"])
         if leader is None or any(name == FORWARDED_BY for name, _ in headers):

@@ -153,7 +153,8 @@ class InvokeRequest:
         return "application/cbor" in self.headers.get("accept", "")
 
 
-async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive (none after a disconnect)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -202,10 +203,15 @@ async def answer_invoke(service: TaskService, request: InvokeRequest, data: byte
         timeout_ms=request.timeout_ms,
         idempotency_key=request.idempotency_key,
     )
+    return sync_answer(request, record, output)
+
+
+def sync_answer(request: InvokeRequest, record: ExecutionRecord, output: bytes) -> Answer:
+    """The answer to a sync invocation that ran: its output, or its record on failure."""
     headers = execution_headers(record)
     if record.status is ExecStatus.SUCCEEDED:
         return Answer(200, output, "application/octet-stream", headers)
-    status = STATUS_BY_OUTCOME[record.status]
+    status = STATUS_BY_OUTCOME.get(record.status, 502)
     return Answer.doc(status, record.to_doc(), headers, cbor=request.wants_cbor)
 
 
@@ -217,7 +223,7 @@ def error_doc_answer(exc: SpearError, what: str) -> Answer:
 
 
 async def unless_disconnected(
-    receive: Receive, call: Coroutine[Any, Any, Answer], watchers: trio.Nursery
+    receive: Receive, call: Coroutine[Any, Any, Answer], watchers: trio.Nursery | None = None
 ) -> Answer | None:
     """Await `call`, cancelling it if the client disconnects first (then None): a sync
     invocation nobody waits for is stopped, on whichever node runs it.
@@ -229,13 +235,25 @@ async def unless_disconnected(
     step, that is its answer. Only once it suspends is a watcher started, in `watchers` (a
     nursery that outlives requests: a per-request one would itself cost a scheduler pass),
     and `call` goes on from where it stopped, in this task and under this cancel scope.
+    With no `watchers`, a nursery of this call's own holds the watcher.
     """
+    if watchers is None:
+        answer: Answer | None = None
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                answer = await unless_disconnected(receive, call, nursery)
+            except Exception as exc:  # raised below, as itself (not in an exception group)
+                failure = exc
+        if failure is not None:
+            raise failure
+        return answer
     with trio.CancelScope() as scope:
         try:
             trap = call.send(None)
         except StopIteration as done:
-            answer: Answer = done.value
-            return answer
+            finished: Answer = done.value
+            return finished
         stop_watching = trio.CancelScope()
         with contextlib.suppress(RuntimeError):  # the nursery is closed: the node stops
             watchers.start_soon(_watch_disconnect, receive, scope, stop_watching)
@@ -300,7 +318,7 @@ class Gateway:
         try:
             request = InvokeRequest(scope, task)
             data = await read_limited(
-                _body_chunks(receive),
+                body_chunks(receive),
                 request.headers.get("content-length"),
                 self._config.max_invoke_body_bytes,
                 "gateway.max_invoke_body_bytes",

@@ -265,6 +265,50 @@ class TaskService:
         entry.done.set()
         return entry.record, outcome.output
 
+    # --- sync invocations a follower runs itself (spear.roles.direct_sync) -------------------
+
+    async def open_sync(
+        self, ref: str, idempotency_key: str | None
+    ) -> tuple[TaskRecord, ExecutionRecord, bytes | None]:
+        """Open the record of a sync invocation a follower runs: its task and new running
+        record (no output); for a repeated idempotency key, the earlier invocation's record
+        and output once it has ended."""
+        task = self.get_task(ref)
+        if idempotency_key is not None:
+            first = self._sync_idem.get((task.task_id, idempotency_key))
+            if first is not None and (entry := self._sync.get(first)) is not None:
+                await entry.done.wait()
+                return task, entry.record, entry.output
+        record = self._new_record(task, "sync", idempotency_key)
+        self._remember(_SyncEntry(record=record))
+        return task, record, None
+
+    def place_sync(self, execution_id: ExecutionId, node_id: str) -> ExecutionRecord | None:
+        """The open sync record runs on `node_id` now (None: it is no longer open)."""
+        entry = self._sync.get(execution_id)
+        if entry is None or entry.done.is_set():
+            return None
+        entry.record = replace(entry.record, node_id=NodeId(node_id))
+        return entry.record
+
+    def close_sync(
+        self, execution_id: ExecutionId, outcome: RunOutcome | None, node_id: str
+    ) -> ExecutionRecord | None:
+        """Record how an open sync invocation ended; `None`: it did not run (refused), its
+        record is dropped. Returns the record kept (as it was, if it had already ended)."""
+        entry = self._sync.get(execution_id)
+        if entry is None or entry.done.is_set():
+            return None if entry is None else entry.record
+        if outcome is None:
+            self._forget_sync(entry)
+            return None
+        entry.record = _finish(entry.record, outcome, node_id, self._now())
+        entry.output, entry.logs = outcome.output, outcome.logs
+        self._sync_bytes += entry.size
+        self._evict()
+        entry.done.set()
+        return entry.record
+
     def _new_record(
         self, task: TaskRecord, mode: Literal["sync", "async"], idempotency_key: str | None
     ) -> ExecutionRecord:

@@ -27,13 +27,9 @@ import trio
 from spear import wire
 from spear.model import ExecStatus, ExecutionId, RetrySpec
 from spear.roles.dispatch import Dispatch, DispatchRefused, Fence, LeaseBook
-from tests.sim.dispatch_sim import (
-    Behaviour,
-    DispatchSim,
-    KnownBug,
-    SimNode,
-    open_dispatch_sim,
-)
+from tests.sim.dispatch_node import SimNode
+from tests.sim.dispatch_sim import DispatchSim, KnownBug, open_dispatch_sim
+from tests.sim.dispatch_spearlet import Behaviour
 from tests.sim.invariants import InvariantViolation
 from tests.sim.net import Latency
 from tests.sim.seeds import seed_trio_scheduler, sim_seeds

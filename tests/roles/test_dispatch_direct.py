@@ -1,0 +1,286 @@
+"""The direct path of sync invocations a follower receives, across three in-process nodes on
+real loopback sockets: the leader only places them; the input and output go from the
+follower to the chosen Spearlet and back (or nowhere, when the follower runs it itself); the
+leader keeps the record; node loss, hang-ups and cancels follow docs/dispatch.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import trio
+
+from spear.node import NodeHandle
+from spear.roles.dispatch import SyncPlace, SyncPlaced
+from tests.roles.api_helpers import cluster_client, register, register_wasm
+from tests.roles.test_cluster import start_three, wait_leader
+from tests.roles.test_dispatch_cluster import FAST_LEASES
+
+Roles = tuple[NodeHandle, NodeHandle, NodeHandle]
+
+
+async def three_roles(tmp_path: Path, nursery: trio.Nursery) -> tuple[Roles, Any]:
+    """(leader, follower, spearlet): the follower receives, the spearlet runs; and the scopes."""
+    nodes, scopes = await start_three(
+        tmp_path, nursery, dict.fromkeys(("n1", "n2", "n3"), FAST_LEASES)
+    )
+    with trio.fail_after(30):
+        leader = await wait_leader(nodes)
+    follower, spearlet = (n for n in nodes if n is not leader)
+    return (leader, follower, spearlet), scopes
+
+
+async def pin(api: httpx.AsyncClient, name: str, node: NodeHandle, **spec: Any) -> None:
+    """Register a task pinned to `node`, and wait until the leader can place there."""
+    await register(api, name=name, placement={"node_id": node.node_id}, **spec)
+
+
+async def running_record(api: httpx.AsyncClient, task: str) -> dict[str, Any]:
+    """The record of the task's one execution, once the leader shows it placed."""
+    with trio.fail_after(20):
+        while True:
+            listed = (await api.get("/api/v1/executions", params={"task": task})).json()
+            if listed["executions"] and listed["executions"][0].get("node_id"):
+                record: dict[str, Any] = listed["executions"][0]
+                return record
+            await trio.sleep(0.05)
+
+
+async def test_a_followers_sync_invocations_run_without_the_leader(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
+    big = bytes(range(256)) * 4096  # 1 MiB
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(admin, "there", spearlet, runtime="process", command=["/bin/cat"])
+        await pin(admin, "here", follower, runtime="process", command=["/bin/cat"])
+        await register_wasm(admin, "upper", "upper")
+        # the first call to a pinned node waits (503, retried) until the leader has its report
+        for task in ("there", "here"):
+            assert (await api.post(f"/api/v1/tasks/{task}/invoke", content=b"ready")).is_success
+        before = follower.follower.statistics()
+        answer = await api.post("/api/v1/tasks/there/invoke", content=big)
+        assert answer.status_code == 200, answer.text
+        assert answer.content == big
+        assert answer.headers["x-spear-node"] == spearlet.node_id
+        assert answer.headers["x-spear-status"] == "succeeded"
+        execution_id = answer.headers["x-spear-execution-id"]
+        local = await api.post("/api/v1/tasks/here/invoke", content=b"stay")
+        assert (local.content, local.headers["x-spear-node"]) == (b"stay", follower.node_id)
+        upper = await api.post("/api/v1/tasks/upper/invoke", content=b"hello")
+        assert (upper.status_code, upper.content) == (200, b"HELLO")
+        after = follower.follower.statistics()
+        # Nothing went to the leader's gateway; the runs went straight to their node (one of
+        # them on the follower itself), or ran on the leader when it placed one there.
+        assert after["relayed"] == before["relayed"]
+        assert isinstance(after["direct"], dict) and isinstance(before["direct"], dict)
+        grew = {key: after["direct"][key] - before["direct"][key] for key in before["direct"]}
+        assert grew["runs"] + grew["leader_answers"] == 3, grew
+        assert grew["runs"] >= 2 and grew["local_runs"] >= 1, grew
+        # The leader keeps the record and the output, as for the invocations it receives.
+        record = (await admin.get(f"/api/v1/executions/{execution_id}")).json()
+        assert (record["status"], record["node_id"]) == ("succeeded", spearlet.node_id)
+        assert record["output_bytes"] == len(big)
+        output = await admin.get(f"/api/v1/executions/{execution_id}/output")
+        assert output.content == big
+        assert leader.leader.service is not None
+        assert leader.leader.service.statistics()["sync_records"] >= 3
+
+
+async def test_an_idempotent_retry_at_a_follower_gets_the_first_answer(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(
+            admin, "stamp", spearlet, runtime="process", command=["/bin/sh", "-c", "cat; date +%N"]
+        )
+        key = {"Idempotency-Key": "k-1"}
+        first = await api.post("/api/v1/tasks/stamp/invoke", content=b"x", headers=key)
+        again = await api.post("/api/v1/tasks/stamp/invoke", content=b"x", headers=key)
+        assert first.status_code == again.status_code == 200, first.text
+        assert again.content == first.content
+        assert again.headers["x-spear-execution-id"] == first.headers["x-spear-execution-id"]
+        missing = await api.post("/api/v1/tasks/nope/invoke", content=b"x")
+        assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+
+
+async def test_a_spearlet_lost_midway_is_a_502_node_lost_recorded_on_the_leader(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    (leader, follower, spearlet), scopes = await three_roles(tmp_path, nursery)
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(
+            admin, "slow", spearlet, runtime="process", command=["/bin/sh", "-c", "sleep 30; cat"]
+        )
+        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
+        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+        answers: list[httpx.Response] = []
+
+        async def call() -> None:
+            answers.append(await api.post("/api/v1/tasks/slow/invoke", content=b"x"))
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(call)
+            running = await running_record(admin, "slow")
+            assert running["node_id"] == spearlet.node_id
+            scopes[spearlet.node_id].cancel()
+        (answer,) = answers
+        assert answer.status_code == 502, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "node_lost" and spearlet.node_id in error["message"]
+        record = (await admin.get(f"/api/v1/executions/{running['execution_id']}")).json()
+        assert (record["status"], record["error"]["code"]) == ("failed", "node_lost")
+        assert record["node_id"] == spearlet.node_id
+    assert follower.follower.statistics() == {
+        "relayed": 0,
+        "direct": {"runs": 2, "local_runs": 0, "leader_answers": 0},
+    }
+
+
+SPIN = ["/bin/sh", "-c", "while :; do :; done # test_dispatch_direct"]
+
+
+async def spinning_gone() -> list[psutil.Process]:
+    """The spin processes still alive after up to 10 s (waited in a thread: the nodes share
+    this test's event loop)."""
+    spinning = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == SPIN]
+    _, alive = await trio.to_thread.run_sync(psutil.wait_procs, spinning, 10)
+    return list(alive)
+
+
+@pytest.mark.parametrize(
+    ("how", "where"),
+    [
+        ("hang-up", "spearlet"),
+        ("cancel", "spearlet"),
+        ("hang-up", "leader"),
+        ("cancel", "leader"),
+        ("hang-up", "follower"),
+        ("cancel", "follower"),
+    ],
+)
+async def test_a_hang_up_or_a_cancel_stops_the_run_on_its_node(
+    tmp_path: Path, nursery: trio.Nursery, how: str, where: str
+) -> None:
+    (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
+    runner = {"spearlet": spearlet, "leader": leader, "follower": follower}[where]
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(admin, "spin", runner, runtime="process", command=SPIN, timeout_ms=600_000)
+        await pin(admin, "quick", runner, runtime="process", command=["/bin/cat"])
+        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+        answers: list[httpx.Response] = []
+
+        async def call() -> None:
+            if how == "cancel":
+                answers.append(await api.post("/api/v1/tasks/spin/invoke", content=b"x"))
+                return
+            async with httpx.AsyncClient(base_url=follower.http_url) as impatient:
+                with trio.move_on_after(60) as hung_up:
+                    await impatient.post("/api/v1/tasks/spin/invoke", content=b"x")
+                    raise AssertionError("a spinning call answered")
+                assert hung_up.cancelled_caught
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(call)
+            running = await running_record(admin, "spin")
+            if how == "cancel":
+                cancelled = await admin.post(f"/api/v1/executions/{running['execution_id']}/cancel")
+                assert cancelled.status_code == 200, cancelled.text
+            else:
+                calls.cancel_scope.cancel()
+        if how == "cancel":
+            (answer,) = answers
+            assert answer.status_code == 409, answer.text
+            assert answer.headers["x-spear-status"] == "cancelled"
+        record = (
+            await admin.get(
+                f"/api/v1/executions/{running['execution_id']}", params={"wait_ms": 20000}
+            )
+        ).json()
+        assert (record["status"], record["node_id"]) == ("cancelled", runner.node_id)
+    assert await spinning_gone() == []
+
+
+async def test_an_invocation_placed_on_the_leader_runs_there_and_stays_there(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    (leader, follower, _), _ = await three_roles(tmp_path, nursery)
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(admin, "small", leader, runtime="process", command=["/bin/cat"])
+        before = follower.follower.statistics()["direct"]
+        answer = await api.post("/api/v1/tasks/small/invoke", content=b"tiny")
+        assert (answer.status_code, answer.content) == (200, b"tiny")
+        assert answer.headers["x-spear-node"] == leader.node_id
+        big = b"b" * (256 * 1024)  # too large to travel with the placement request
+        answer = await api.post("/api/v1/tasks/small/invoke", content=big)
+        assert (answer.content, answer.headers["x-spear-node"]) == (big, leader.node_id)
+        after = follower.follower.statistics()
+        assert after["relayed"] == 0
+        assert isinstance(before, dict) and isinstance(after["direct"], dict)
+        # both ran on the leader, answered there: the small one with its placement, the
+        # large one in a second request (the output is never sent back to the leader)
+        assert after["direct"]["leader_answers"] - before["leader_answers"] == 2
+        assert after["direct"]["runs"] - before["runs"] == 1
+        execution_id = answer.headers["x-spear-execution-id"]
+        record = (await admin.get(f"/api/v1/executions/{execution_id}")).json()
+        assert (record["status"], record["output_bytes"]) == ("succeeded", len(big))
+
+
+async def test_a_follower_lost_midway_ends_its_record_and_stops_the_run(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    (leader, follower, spearlet), scopes = await three_roles(tmp_path, nursery)
+    async with cluster_client(leader.http_url) as admin:
+        await pin(admin, "spin", spearlet, runtime="process", command=SPIN, timeout_ms=600_000)
+        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
+        async with cluster_client(follower.http_url) as api:
+            assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+
+            async def call() -> None:
+                await api.post("/api/v1/tasks/spin/invoke", content=b"x")
+
+            async with trio.open_nursery() as calls:
+                calls.start_soon(call)
+                running = await running_record(admin, "spin")
+                scopes[follower.node_id].cancel()  # the follower and its client's call go
+                calls.cancel_scope.cancel()
+        record = (
+            await admin.get(
+                f"/api/v1/executions/{running['execution_id']}", params={"wait_ms": 20000}
+            )
+        ).json()
+        # A stopping follower tells the leader it gave up (cancelled); when it cannot, the
+        # leader declares the follower lost once its lease has run out.
+        assert record["status"] in ("failed", "cancelled"), record
+        if record["status"] == "failed":
+            assert record["error"]["code"] == "node_lost"
+            assert follower.node_id in record["error"]["message"]
+    assert await spinning_gone() == []
+
+
+async def test_a_placement_never_reported_on_ends_its_record(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
+    async with cluster_client(leader.http_url) as admin:
+        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
+        async with cluster_client(follower.http_url) as api:
+            assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+        # A follower asks for a placement, then never sends the dispatch nor reports (its
+        # answer was lost on the way, say) while it keeps reporting to the leader.
+        place = SyncPlace(task="quick", input_bytes=1, timeout_ms=100)
+        placed = await follower.cluster.request(leader.node_id, place, 10)
+        assert isinstance(placed, SyncPlaced) and placed.node_id == spearlet.node_id
+        execution_id = placed.dispatch.execution_id
+        record = (await admin.get(f"/api/v1/executions/{execution_id}")).json()
+        assert (record["status"], record["node_id"]) == ("running", spearlet.node_id)
+        record = (
+            await admin.get(f"/api/v1/executions/{execution_id}", params={"wait_ms": 30000})
+        ).json()
+    assert (record["status"], record["error"]["code"]) == ("failed", "node_lost"), record
+    assert follower.node_id in record["error"]["message"]
+    assert "deadline" in record["error"]["message"]
