@@ -236,7 +236,7 @@ async def _serve_roles(
         replicate_file=mesh.replicate_file,
     )
     app = build_app(
-        service, info, config.gateway, host, watchers=nursery, cluster=mesh, nodes=plane.nodes
+        service, info, config.gateway, watchers=nursery, cluster=mesh, nodes=plane.nodes
     )
 
     async def before_leading() -> None:

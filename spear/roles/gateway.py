@@ -27,8 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spear.config import GatewayConfig, parse_hostport
-from spear.errors import ConfigError, NotFoundError, SpearError, UnavailableError
-from spear.host import HostMetrics
+from spear.errors import ConfigError, SpearError
 from spear.model import ExecStatus, TaskRecord, TaskSpec
 from spear.roles.invoke_path import (
     ASGIApp,
@@ -182,15 +181,14 @@ def build_app(
     service: TaskService,
     node: NodeInfo,
     config: GatewayConfig,
-    host: HostMetrics,
     *,
     watchers: trio.Nursery,
-    cluster: ClusterView | None = None,
-    nodes: NodeService | None = None,
+    cluster: ClusterView,
+    nodes: NodeService,
 ) -> Gateway:
     """The gateway's ASGI application: the invoke fast path in front of the control app.
     `watchers` runs the tasks that watch for clients hanging up (it outlives requests)."""
-    control = build_control_app(service, node, config, host, cluster=cluster, nodes=nodes)
+    control = build_control_app(service, node, config, cluster=cluster, nodes=nodes)
     return Gateway(service, control, config, watchers)
 
 
@@ -223,17 +221,15 @@ def build_control_app(
     service: TaskService,
     node: NodeInfo,
     config: GatewayConfig,
-    host: HostMetrics,
     *,
-    cluster: ClusterView | None = None,
-    nodes: NodeService | None = None,
+    cluster: ClusterView,
+    nodes: NodeService,
 ) -> FastAPI:
     """The FastAPI app serving every route, with the OpenAPI description and /docs.
 
     Args:
-        cluster: the mesh role, for `GET /api/v1/cluster` (default: this node alone).
-        nodes: the node registry, for the node routes (default: this node alone, its live
-            host metrics, and no drain).
+        cluster: the mesh role, for `GET /api/v1/cluster` and the voter changes.
+        nodes: the node registry, for the node routes.
     """
     app = FastAPIOffline(
         title="spear",
@@ -273,63 +269,30 @@ def build_control_app(
 
     @app.get(f"{API}/cluster", tags=["cluster"])
     async def cluster_doc(request: Request) -> Response:
-        if cluster is not None:
-            return _doc(request, cluster.status())
-        member = {
-            "node_id": node.node_id,
-            "name": node.name,
-            "state": "alive",
-            "voter": True,
-            "mesh_address": node.mesh_address,
-            "http_address": node.http_address,
-            "runtimes": node.runtimes,
-            "labels": node.labels,
-        }
-        doc = {"leader_id": node.node_id, "term": 1, "voters": [node.node_id], "members": [member]}
-        return _doc(request, doc)
-
-    def admin() -> ClusterView:
-        if cluster is None:
-            raise UnavailableError("this node has no mesh role to change; retry")
-        return cluster
+        return _doc(request, cluster.status())
 
     @app.post(f"{API}/cluster/voters/{{node_id}}", responses=ERRORS, tags=["cluster"])
     async def promote_voter(request: Request, node_id: str) -> Response:
         """Promote a learner (by id or name) to voter once it has caught up with the log.
         Answers the cluster document once the change is committed."""
-        return _doc(request, await admin().promote(node_id))
+        return _doc(request, await cluster.promote(node_id))
 
     @app.delete(f"{API}/cluster/voters/{{node_id}}", responses=ERRORS, tags=["cluster"])
     async def demote_voter(request: Request, node_id: str) -> Response:
         """Demote a voter (by id or name) to learner: it keeps the log but no longer votes.
         Refused if the voters left could not reach their quorum."""
-        return _doc(request, await admin().demote(node_id))
+        return _doc(request, await cluster.demote(node_id))
 
     @app.delete(f"{API}/cluster/members/{{node_id}}", responses=ERRORS, tags=["cluster"])
     async def remove_member(request: Request, node_id: str) -> Response:
         """Remove a failed member (dead or left in the mesh) from the Raft configuration.
         Refused for a member still alive, and if the voters left could not reach quorum."""
-        return _doc(request, await admin().remove(node_id))
+        return _doc(request, await cluster.remove(node_id))
 
     @app.post(f"{API}/cluster/leader", responses=ERRORS, tags=["cluster"])
     async def transfer_leader(request: Request, body: LeaderTransferRequest) -> Response:
         """Hand leadership to another voter; answers once this node no longer leads."""
-        return _doc(request, await admin().transfer_leadership(body.node_id))
-
-    def lone_node_doc() -> dict[str, Any]:
-        return {
-            "node_id": node.node_id,
-            "name": node.name,
-            "status": "online",
-            "voter": True,
-            "leader": True,
-            "http_address": node.http_address,
-            "mesh_address": node.mesh_address,
-            "labels": node.labels,
-            "runtimes": node.runtimes,
-            "resources": host.sample(),
-            "statistics": service.statistics(),
-        }
+        return _doc(request, await cluster.transfer_leadership(body.node_id))
 
     def with_statistics(doc: dict[str, Any]) -> dict[str, Any]:
         # The serving node adds its own figures (the registry holds only reports).
@@ -340,19 +303,13 @@ def build_control_app(
 
     @app.get(f"{API}/nodes", tags=["cluster"])
     async def list_nodes(request: Request) -> Response:
-        if nodes is None:
-            return _doc(request, {"nodes": [lone_node_doc()]})
         listed = nodes.nodes(trio.current_time())["nodes"]
         return _doc(request, {"nodes": [with_statistics(doc) for doc in listed]})
 
     @app.get(f"{API}/nodes/{{node_id}}", responses=ERRORS, tags=["cluster"])
     async def get_node(request: Request, node_id: str) -> Response:
         """A node by id or name."""
-        if nodes is not None:
-            return _doc(request, with_statistics(nodes.node(node_id, trio.current_time())))
-        if node_id not in (node.node_id, node.name):
-            raise NotFoundError(f"node {node_id!r} is not a member of this cluster")
-        return _doc(request, lone_node_doc())
+        return _doc(request, with_statistics(nodes.node(node_id, trio.current_time())))
 
     @app.post(f"{API}/nodes/{{node_id}}/drain", responses=ERRORS, tags=["cluster"])
     async def drain_node(
@@ -360,18 +317,12 @@ def build_control_app(
     ) -> Response:
         """Drain a node (by id or name): no new work is placed on it while its running work
         finishes. `{"enable": false}` undoes it. Answers the node's document once committed."""
-        if nodes is None:
-            raise UnavailableError("this node has no node registry yet; retry")
         drained = await nodes.drain(node_id, True if body is None else body.enable)
         return _doc(request, with_statistics(nodes.node(drained, trio.current_time())))
 
     @app.get(f"{API}/resources", tags=["cluster"])
     async def resources(request: Request) -> Response:
-        if nodes is not None:
-            return _doc(request, nodes.resources(trio.current_time()))
-        report = {"node_id": node.node_id, "name": node.name, **host.sample()}
-        report["pools"] = service.statistics()["spearlet"]["pools"]
-        return _doc(request, {"resources": [report]})
+        return _doc(request, nodes.resources(trio.current_time()))
 
     # --- files ------------------------------------------------------------------------------
 

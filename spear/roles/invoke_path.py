@@ -306,6 +306,11 @@ class Gateway:
         self._config = config
         self._watchers = watchers
 
+    @property
+    def control(self) -> ASGIApp:
+        """The control-plane app every request but an invocation goes to."""
+        return self._control
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             match = INVOKE_PATH.match(scope["path"])

@@ -12,10 +12,8 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from spear.config import GatewayConfig
-from spear.host import HostMetrics
 from spear.node import NodeHandle
-from spear.roles.gateway import NodeInfo, build_control_app
+from spear.roles.invoke_path import Gateway
 from tests.roles.api_helpers import register, register_wasm, upload, wasm
 
 
@@ -421,9 +419,9 @@ async def test_control_app_alone_serves_the_documented_invoke_route(
     """The fast path and the FastAPI route of invoke give the same answers."""
     await register_wasm(api, "upper", "upper")
     await register_wasm(api, "exit3", "exit3")
-    info = NodeInfo(node_id=node.node_id, name=node.name, http_address="", mesh_address="")
-    control = build_control_app(node.service, info, GatewayConfig(), HostMetrics(tmp_path))
-    transport = httpx.ASGITransport(app=control)
+    gateway = node.leader.app
+    assert isinstance(gateway, Gateway)
+    transport = httpx.ASGITransport(app=gateway.control)
     async with httpx.AsyncClient(transport=transport, base_url="http://control") as direct:
         for client in (api, direct):
             ok = await client.post("/api/v1/tasks/upper/invoke", content=b"same")

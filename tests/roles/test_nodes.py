@@ -284,7 +284,7 @@ async def served(
     registry = Registry(local=dataclasses.replace(LEADER, node_id=node.node_id))
     info = NodeInfo(node_id=node.node_id, name="alpha", http_address="", mesh_address="")
     app = build_control_app(
-        node.service, info, GatewayConfig(), HostMetrics(tmp_path), nodes=registry.service
+        node.service, info, GatewayConfig(), cluster=node.cluster, nodes=registry.service
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://control") as client:
@@ -345,19 +345,6 @@ async def test_drain_route_refuses_a_bad_body(
     )
     assert bad_json.status_code == 400
     assert registry.state.drained() == frozenset()
-
-
-async def test_drain_route_without_a_registry_is_unavailable(
-    node: NodeHandle, tmp_path: Path
-) -> None:
-    info = NodeInfo(node_id=node.node_id, name=node.name, http_address="", mesh_address="")
-    app = build_control_app(node.service, info, GatewayConfig(), HostMetrics(tmp_path))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://control") as client:
-        resp = await client.post(f"/api/v1/nodes/{node.node_id}/drain")
-        assert resp.status_code == 503
-        (doc,) = (await client.get("/api/v1/nodes")).json()["nodes"]
-        assert doc["node_id"] == node.node_id and doc["resources"]["cpu_count"] >= 1
 
 
 # --- the report loop ------------------------------------------------------------------------------
