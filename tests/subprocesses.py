@@ -6,7 +6,9 @@ The node is an external process, so waiting for it is a bounded readiness probe 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,12 +30,34 @@ STOP_TIMEOUT_S = 30.0
 CLI_TIMEOUT_S = 120.0
 
 
+#: ports handed out below the kernel's ephemeral range (see `free_port`)
+_PORTS_BELOW_EPHEMERAL = (20000, 32768)
+
+
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as sock:
+    """A loopback TCP port that was free a moment ago, below the ephemeral range.
+
+    A port the kernel picks for `bind(0)` comes from the range it also gives outgoing
+    connections, so between the pick and the node's own bind a test's client or a node's mesh
+    link could take it ("address already in use", seen once in a long run). Ports below that
+    range are never given out that way: one is drawn at random and kept if it binds.
+    """
+    low, high = _PORTS_BELOW_EPHEMERAL
+    with contextlib.suppress(OSError, ValueError):
+        first = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+        high = min(high, int(first))
+    for _ in range(100):
+        port = random.randrange(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the low range is crowded: let the kernel pick
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        picked: int = sock.getsockname()[1]
+        return picked
 
 
 def spear_env(**extra: str) -> dict[str, str]:
