@@ -8,7 +8,7 @@ this queue, is what guarantees completeness (research/mesh.md §1.5).
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -30,30 +30,43 @@ class _Queued:
     seq: int
     #: the update's subject when it is an alive update (never sent to that node), else None
     subject_alive: str | None
-    transmits: int = 0
+
+
+class _Tier:
+    """The updates sent a given number of times: queue numbers ascending (newest last),
+    and the updates in the same order."""
+
+    __slots__ = ("seqs", "updates")
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+        self.updates: list[Update] = []
+
+    def find(self, seq: int, lo: int = 0) -> int:
+        """The position of `seq` in this tier, or -1."""
+        seqs = self.seqs
+        pos = bisect.bisect_left(seqs, seq, lo)
+        return pos if pos < len(seqs) and seqs[pos] == seq else -1
 
 
 class BroadcastQueue:
     """Updates waiting to be piggybacked or gossiped, one per subject node.
 
-    Updates are kept in tiers by transmission count, each tier a heap of negated queue
-    numbers (newest first), so taking the few least-sent, newest updates costs O(log n)
-    per update rather than a scan or a sorted insert (a mass join queues one update per
-    member on every member). A replaced update leaves a stale number in its heap, skipped
-    when it surfaces. Each tier also counts its live updates, so a take skips empty tiers
-    and stops as soon as a tier has given what it holds, without draining stale numbers
-    (a take in a large cluster is per message sent, the hottest path of the core).
+    Updates are kept in tiers by transmission count, each tier in queue order (newest
+    last). A take is per message sent, the hottest path of the core in a large cluster (a
+    mass join queues one update per member on every member), so it works on runs rather
+    than single updates: the newest updates of a tier are one slice off its end, and they
+    move to the next tier as one sorted run, spliced in where it belongs. A replaced update
+    is removed from its tier at once (a bisection per tier), so no tier holds anything stale.
     """
 
-    __slots__ = ("_budgets", "_by_node", "_by_seq", "_live", "_mult", "_seq", "_tiers")
+    __slots__ = ("_budgets", "_by_node", "_mult", "_seq", "_tiers")
 
     def __init__(self, retransmit_mult: int) -> None:
         self._mult = retransmit_mult
         self._by_node: dict[str, _Queued] = {}
-        self._by_seq: dict[int, _Queued] = {}
-        #: tier t (updates sent t times): a heap of negated queue numbers, and its live count
-        self._tiers: list[list[int]] = [[]]
-        self._live: list[int] = [0]
+        #: tier t: the updates sent t times
+        self._tiers: list[_Tier] = [_Tier()]
         self._budgets: dict[int, int] = {}
         self._seq = 0
 
@@ -61,18 +74,20 @@ class BroadcastQueue:
         return len(self._by_node)
 
     def queue(self, update: Update) -> None:
-        """Queue `update`, replacing (invalidating) any queued update about the same node."""
+        """Queue `update`, replacing (removing) any queued update about the same node."""
         old = self._by_node.get(update.node_id)
         if old is not None:
-            del self._by_seq[old.seq]
-            self._live[old.transmits] -= 1
+            for tier in self._tiers:
+                pos = tier.find(old.seq)
+                if pos >= 0:
+                    del tier.seqs[pos], tier.updates[pos]
+                    break
         self._seq += 1
         subject = update.node_id if isinstance(update, AliveUpdate) else None
-        item = _Queued(update=update, seq=self._seq, subject_alive=subject)
-        self._by_node[update.node_id] = item
-        self._by_seq[item.seq] = item
-        heapq.heappush(self._tiers[0], -item.seq)
-        self._live[0] += 1
+        self._by_node[update.node_id] = _Queued(update=update, seq=self._seq, subject_alive=subject)
+        tier = self._tiers[0]
+        tier.seqs.append(self._seq)  # the newest number: the tier stays sorted
+        tier.updates.append(update)
 
     def take(self, limit: int, n: int, *, recipient: str = "") -> tuple[Update, ...]:
         """Up to `limit` updates to send now, counting one transmission for each.
@@ -85,56 +100,71 @@ class BroadcastQueue:
         """
         if limit <= 0 or not self._by_node:
             return ()
-        chosen = self._choose(limit, recipient)
         budget = self._budgets.get(n)
         if budget is None:
             budget = self._budgets[n] = retransmit_limit(self._mult, n)
-        by_node, by_seq, tiers, live = self._by_node, self._by_seq, self._tiers, self._live
-        push = heapq.heappush
-        for item in chosen:
-            transmits = item.transmits = item.transmits + 1
-            if transmits >= budget:
-                del by_node[item.update.node_id]
-                del by_seq[item.seq]
+        skip = self._by_node.get(recipient) if recipient else None
+        skip_seq = skip.seq if skip is not None and skip.subject_alive == recipient else 0
+        chosen: list[Update] = []
+        runs: list[tuple[int, list[int], list[Update]]] = []
+        for transmits, tier in enumerate(self._tiers):
+            seqs = tier.seqs
+            if not seqs:
                 continue
-            if transmits == len(tiers):
-                tiers.append([])
-                live.append(0)
-            push(tiers[transmits], -item.seq)
-            live[transmits] += 1
-        return tuple([item.update for item in chosen])
-
-    def _choose(self, limit: int, recipient: str) -> list[_Queued]:
-        """The first `limit` live updates by (transmits, newest first), not counting the
-        recipient's own alive update; each is taken out of its tier."""
-        chosen: list[_Queued] = []
-        by_seq, live = self._by_seq, self._live
-        pop = heapq.heappop
-        for transmits, heap in enumerate(self._tiers):
-            count = live[transmits]
-            if not count:
-                heap.clear()  # only stale numbers are left in it
-                continue
-            skipped: int | None = None
-            while count:
-                key = pop(heap)
-                item = by_seq.get(-key)
-                if item is None or item.transmits != transmits:
-                    continue  # replaced by a newer update, or moved to a later tier
-                count -= 1
-                if item.subject_alive == recipient:
-                    skipped = key  # one update per node: at most one is skipped
-                    continue
-                chosen.append(item)
-                if len(chosen) == limit:
-                    break
-            if skipped is not None:
-                heapq.heappush(heap, skipped)
-                count += 1
-            live[transmits] = count
+            start = max(0, len(seqs) - (limit - len(chosen)))
+            # The recipient's own alive update stays queued; the next older one is taken.
+            at = tier.find(skip_seq, start) if skip_seq and skip_seq >= seqs[start] else -1
+            if at >= 0:
+                start = max(0, start - 1)
+            run_seqs, run_updates = seqs[start:], tier.updates[start:]
+            del seqs[start:], tier.updates[start:]
+            if at >= 0:
+                seqs.append(run_seqs.pop(at - start))  # newer than everything left
+                tier.updates.append(run_updates.pop(at - start))
+            if run_seqs:
+                chosen.extend(reversed(run_updates))
+                runs.append((transmits + 1, run_seqs, run_updates))
             if len(chosen) == limit:
                 break
-        return chosen
+        for transmits, run_seqs, run_updates in runs:
+            if transmits >= budget:
+                by_node = self._by_node
+                for update in run_updates:
+                    del by_node[update.node_id]
+            else:
+                self._splice(transmits, run_seqs, run_updates)
+        return tuple(chosen)
+
+    def _splice(self, transmits: int, seqs: list[int], updates: list[Update]) -> None:
+        """Insert a sorted run of updates into tier `transmits`."""
+        tiers = self._tiers
+        while transmits >= len(tiers):
+            tiers.append(_Tier())
+        tier = tiers[transmits]
+        if not tier.seqs or tier.seqs[-1] < seqs[0]:
+            tier.seqs.extend(seqs)
+            tier.updates.extend(updates)
+            return
+        lo = bisect.bisect_left(tier.seqs, seqs[0])
+        hi = bisect.bisect_left(tier.seqs, seqs[-1], lo)
+        if lo == hi:
+            tier.seqs[lo:lo] = seqs
+            tier.updates[lo:lo] = updates
+            return
+        # Interleaved with the tier (numbers are unique): splice the run in blocks, each
+        # the part of the run that falls between two neighbours in the tier (usually two:
+        # older and newer updates than the tier holds).
+        tier_seqs, tier_updates = tier.seqs, tier.updates
+        start = 0
+        while start < len(seqs):
+            lo = bisect.bisect_left(tier_seqs, seqs[start], lo)
+            end = len(seqs)
+            if lo < len(tier_seqs):
+                end = bisect.bisect_left(seqs, tier_seqs[lo], start)
+            tier_seqs[lo:lo] = seqs[start:end]
+            tier_updates[lo:lo] = updates[start:end]
+            lo += end - start
+            start = end
 
     def pending(self, node_id: str) -> Update | None:
         """The queued update about `node_id`, if any."""

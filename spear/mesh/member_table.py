@@ -126,12 +126,12 @@ class MemberTable:
 
     def apply_updates(self, updates: Iterable[object], now: float) -> None:
         """Apply gossiped updates in order; anything else in the tuple is ignored."""
-        records, own = self.records, self.own
+        record_of, own = self.records.get, self.own
         for update in updates:
             if isinstance(update, AliveUpdate):
                 # Most updates in a large cluster are news already heard: the same verdict
                 # as apply_alive's, without the call.
-                record = records.get(update.node_id)
+                record = record_of(update.node_id)
                 if (
                     record is not None
                     and record is not own

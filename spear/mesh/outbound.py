@@ -74,6 +74,7 @@ class OutboundLink:
         self._queue: list[tuple[FrameKind, bytes, int]] = []  # (kind, payload, request id)
         self._demand = trio.Event()
         self._failures = 0
+        self._backoff: trio.CancelScope | None = None
         #: counters since the link was made
         self.sent = self.dropped_full = self.dropped_unreachable = 0
         self.dials = self.dial_failures = 0
@@ -148,6 +149,16 @@ class OutboundLink:
             conn.enqueue(kind, payload)
         log.debug("mesh link to %s (%s) up", self.address, conn.peer_id)
 
+    def peer_seen(self) -> None:
+        """The peer just dialled us and proved the cluster key, so it is up: end a backoff
+        at once and start the next one from the shortest delay. (A restarted node's peers
+        back off towards it while it starts; without this they could miss its first
+        seconds, e.g. the votes of an election it takes part in.)"""
+        self._failures = 0
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self.state = LinkState.IDLE  # sends queue (and dial) from now on
+
     async def _back_off(self, error: str, owner: LinkOwner) -> None:
         self._failures += 1
         self.dial_failures += 1
@@ -160,7 +171,9 @@ class OutboundLink:
         )
         delay = backoff_delay(self._failures, self._settings, self._rng)
         log.info("cannot reach mesh peer %s (%s); retry after %.2f s", self.address, error, delay)
-        await trio.sleep(delay)
+        with trio.CancelScope() as self._backoff:
+            await trio.sleep(delay)
+        self._backoff = None
         self.state = LinkState.IDLE
 
 

@@ -11,6 +11,7 @@ may be the problem), each ack lowers it. A ping to a suspect carries the suspici
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from spear.mesh.awareness import Awareness
@@ -54,10 +55,10 @@ class Prober:
 
     def deadline(self, *, probing: bool) -> float:
         """When `tick` next has work (relay nacks and expiries; probe steps if `probing`)."""
-        times = [r.expires if r.nacked else r.nack_deadline for r in self._relays.values()]
-        if probing:
-            times.append(self._round_deadline())
-        return min(times, default=float("inf"))
+        deadline = self._round_deadline() if probing else math.inf
+        for r in self._relays.values():
+            deadline = min(deadline, r.expires if r.nacked else r.nack_deadline)
+        return deadline
 
     def _round_deadline(self) -> float:
         probe = self._probe

@@ -21,7 +21,8 @@ any frame is delivered; every frame after that carries a sequence-bound MAC.
 Failures. A link dials on demand. A failed attempt fails that link's waiting requests at once
 (PeerUnreachableError), drops its queued frames, and starts a backoff (doubling from
 backoff_min_s to backoff_max_s, with jitter) during which sends to it are dropped and
-requests fail fast; after the backoff the next send dials again. A link that breaks after it
+requests fail fast; after the backoff the next send dials again. An authenticated inbound
+connection from that peer ends the backoff at once (the peer is up). A link that breaks after it
 was up fails its waiting requests (LinkClosedError) and redials with the next frame. Frames
 over this node's or (learnt in the handshake) the peer's cap are refused locally with
 FrameTooLargeError. An oversized, malformed or unauthenticated frame received closes only
@@ -311,6 +312,9 @@ class Transport:
         remote = links.peer_name(stream)
         try:
             async with links.accept(stream, self.link_params()) as conn:
+                link = self._links.get(conn.session.peer_address)
+                if link is not None:
+                    link.peer_seen()
                 self._inbound_conns.add(conn)
                 try:
                     await self._receiver.serve(conn, outbound=None)

@@ -29,7 +29,7 @@ def test_profiles_follow_the_timing_table() -> None:
         1.0,
         2.0,
     )
-    assert (LAN_FAST.election_timeout_min_s, LAN_FAST.election_timeout_max_s) == (0.5, 1.0)
+    assert (LAN_FAST.election_timeout_min_s, LAN_FAST.election_timeout_max_s) == (0.4, 0.8)
     assert (LOOPBACK.election_timeout_min_s, LOOPBACK.election_timeout_max_s) == (0.3, 0.6)
     assert SIM.max_entries_per_append == 8 and SIM.snapshot_threshold_entries == 64
     assert set(PROFILES) == {"lan", "lan-fast", "loopback", "sim"}

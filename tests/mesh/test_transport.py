@@ -366,6 +366,29 @@ async def test_an_unreachable_peer_fails_fast_and_does_not_block_others(
     assert (stats.dials, stats.dial_failures, stats.dropped_unreachable) == (2, 1, 2)
 
 
+async def test_a_peer_that_dials_in_ends_the_backoff_towards_it(
+    start: Start, nursery: trio.Nursery
+) -> None:
+    """A restarted node's peers back off towards it while it starts; its first authenticated
+    connection to one of them proves it is up, so that peer reaches it at once rather than
+    after up to backoff_max_s (a lost election round, in a failover right after a restart)."""
+    a = await start("a", settings=TransportSettings(backoff_min_s=60, backoff_max_s=60))
+    nursery.start_soon(answer, a)
+    address = await closed_port_address()
+    with pytest.raises(PeerUnreachableError):
+        await a.request(address, Ping(n=1), timeout_s=5)
+    assert not a.send(address, Ping(n=2))  # in backoff for 30-60 s
+    serve = functools.partial(
+        serve_transport, node_id="b", listen=address, cluster_key=KEY, codec=CODEC
+    )
+    b: Transport = await nursery.start(serve)
+    nursery.start_soon(answer, b)
+    assert await b.request(a.address, Ping(n=3), timeout_s=5) == Ping(n=4)
+    with trio.fail_after(5):
+        assert await a.request(address, Ping(n=5), timeout_s=5) == Ping(n=6)
+    assert a.statistics().dials == 2
+
+
 async def test_a_silent_listener_times_out_the_dial_while_sends_stay_bounded(
     start: Start,
 ) -> None:

@@ -6,11 +6,15 @@
 - swim5: the same for 5 SWIM nodes (LAN timings);
 - swimN: N SWIM nodes join one seed node; wall time to a converged view; then rounds of
   gossip (virtual time / gossip interval) until a metadata update reaches all N nodes
-  (D4: <= 8 rounds at p99 for 100), and crash -> dead everywhere time (D1c).
+  (D4: <= 8 rounds at p99 for 100), and crash -> dead everywhere time (D1c);
+- failover: per timing profile, 3 voters with that profile's Raft timings on the simulated
+  LAN (0.5-5 ms one way): virtual time from a leader crash to a new leader that a majority
+  follows, over 150 seeds (D2, without the real processes' fsync, HTTP and scheduling).
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -19,6 +23,7 @@ from collections.abc import Awaitable, Callable
 import trio
 import trio.testing
 
+from spear.mesh import RAFT_PROFILES
 from spear.mesh.swim_messages import MemberMeta
 from tests.sim.cluster import open_raft_sim
 from tests.sim.seeds import seed_trio_scheduler
@@ -82,6 +87,32 @@ def measure_swim(nodes: int, virtual_s: float = 300.0, updates: int = 20) -> Non
     run(main)
 
 
+def measure_failover(profile: str, seeds: int = 150) -> None:
+    timings = RAFT_PROFILES[profile]
+    times: list[float] = []
+
+    async def main(seed: int) -> None:
+        async with open_raft_sim(seed, voters=3, timings=timings) as sim:
+            sim.start_clients(1, writes=10**6, gap_s=0.2)
+            leader = await sim.wait_for_leader()
+            await trio.sleep(sim.rng.uniform(1.0, 2.0))
+            leader = await sim.wait_for_leader()
+            sim.crash(leader.name)
+            crashed = trio.current_time()
+            await sim.wait_for_leader(among=sim.others(leader.name))
+            times.append(trio.current_time() - crashed)
+
+    for seed in range(seeds):
+        run(functools.partial(main, seed), seed)
+    times.sort()
+    print(
+        f"failover {profile} ({timings.election_timeout_min_s}-{timings.election_timeout_max_s} s,"
+        f" heartbeat {timings.heartbeat_interval_s} s): crash -> new leader p50"
+        f" {statistics.median(times):.3f} s, p99 {times[int(0.99 * len(times))]:.3f} s,"
+        f" max {times[-1]:.3f} s ({seeds} seeds, virtual time)"
+    )
+
+
 async def dissemination(sim: SwimSim, updates: int) -> None:
     """Update metadata on random nodes; count gossip rounds until every node has it."""
     rounds = []
@@ -114,10 +145,15 @@ def main(argv: list[str]) -> None:
         if item == "raft":
             measure_raft(clients=1, gap_s=2.0)
             measure_raft()
+        elif item == "failover":
+            for profile in ("lan", "lan-fast", "loopback"):
+                measure_failover(profile)
         elif item.startswith("swim"):
             measure_swim(int(item[4:]))
         else:
-            raise SystemExit(f"unknown measurement {item!r}; use raft, swim5, swim100, swim1000")
+            raise SystemExit(
+                f"unknown measurement {item!r}; use raft, failover, swim5, swim100, swim1000"
+            )
 
 
 if __name__ == "__main__":

@@ -318,11 +318,17 @@ class SimNet:
         stats = self.statistics
         stats.sent += 1
         inbox = self._inboxes.get(dst)
-        rule = self.rule(src, dst)
-        if inbox is None or rule.blocked or any(f(src, dst, message) for f in self.filters):
+        link = (src, dst)
+        rule = self._rules.get(link, self._default)
+        filters = self.filters
+        if (
+            inbox is None
+            or rule.blocked
+            or (filters and any(f(src, dst, message) for f in filters))
+        ):
             stats.blocked += 1
             return
-        rng = self._rng(src, dst)
+        rng = self._rngs.get(link) or self._rng(src, dst)
         if rule.drop_probability and rng.random() < rule.drop_probability:
             stats.dropped += 1
             return

@@ -13,6 +13,7 @@ from collections import defaultdict
 import pytest
 import trio
 
+from spear.mesh import RAFT_PROFILES
 from spear.mesh.raft_config import Membership
 from tests.sim.cluster import RaftSim, open_raft_sim
 from tests.sim.invariants import InvariantViolation
@@ -101,6 +102,30 @@ async def test_clock_skew_and_rate_on_one_voter(seed: int, autojump_clock: trio.
         await sim.wait_for_leader(among=sim.others(leader.name))
         assert trio.current_time() - crashed_at < election_bound(sim, 6)
         sim.restart(leader.name)
+        await sim.settle()
+
+
+@pytest.mark.parametrize("seed", sim_seeds(20, slow_count=80))
+@pytest.mark.parametrize("profile", ["lan", "lan-fast", "loopback"])
+async def test_healthy_network_keeps_its_leader_with_each_profile(
+    profile: str, seed: int, autojump_clock: trio.abc.Clock
+) -> None:
+    """D8 with the real timings of each profile: on a healthy network (0.5-5 ms, a rare
+    200 ms spike) with clients writing, and a random node's event loop stalling every
+    0.5-2 s for up to a quarter of the shortest election timeout (a GC pause, a slow fsync),
+    the first leader leads throughout: a shorter election timeout must not buy failover
+    speed with spurious elections."""
+    timings = RAFT_PROFILES[profile]
+    async with open_raft_sim(seed, voters=3, timings=timings) as sim:
+        sim.start_clients(3, writes=50, gap_s=0.2)
+        await sim.wait_for_leader()
+        changes = list(sim.observer.leader_changes)
+        stall_s = timings.election_timeout_min_s / 4
+        end = trio.current_time() + 30.0
+        while trio.current_time() < end:
+            await trio.sleep(sim.rng.uniform(0.5, 2.0))
+            sim.pause(sim.rng.choice(sim.names), sim.rng.uniform(0.0, stall_s))
+        assert sim.observer.leader_changes == changes
         await sim.settle()
 
 
