@@ -42,8 +42,10 @@ class Responder:
 
     @property
     def cancelled(self) -> bool:
-        """Whether the requester stopped waiting (long handlers may check and give up)."""
-        return self._id in self._conn.cancelled
+        """Whether the requester stopped waiting (long handlers may check and give up): it
+        cancelled the request, or the connection it came on is gone (no answer can reach it;
+        a requester killed outright sends no cancel)."""
+        return self._id in self._conn.cancelled or self._conn.ws.closed is not None
 
     @property
     def done(self) -> bool:
@@ -56,7 +58,7 @@ class Responder:
 
     async def item(self, message: object) -> None:
         """Send one stream item."""
-        if self.cancelled:
+        if self._id in self._conn.cancelled:
             self._finish()
             raise RequestCancelledError(f"{self._conn.peer_id} cancelled request {self._id}")
         if not self._done:

@@ -21,6 +21,7 @@ does not run. No leader known, or none answering: 503 with `Retry-After`.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -40,7 +41,7 @@ from spear.errors import (
     UnavailableError,
     ValidationError,
 )
-from spear.mesh import PeerUnreachableError
+from spear.mesh import LinkClosedError, PeerUnreachableError, RemoteError, RequestTimeoutError
 from spear.model import ErrorCode, ExecStatus, ExecutionRecord, NodeId, RunOutcome
 from spear.roles.dispatch import (
     Dispatch,
@@ -52,6 +53,7 @@ from spear.roles.dispatch import (
     SyncPlaced,
     SyncRecorded,
     SyncRun,
+    SyncWithdraw,
 )
 from spear.roles.dispatcher import REPLY_GRACE_S, lost_outcome, refusal_error
 from spear.roles.function_service import FunctionService, result_of
@@ -83,6 +85,9 @@ CANCEL_REPORT_S = 1.0
 
 Request = Callable[[str, object, float], Awaitable[Any]]
 SendOneWay = Callable[[str, object], None]
+#: what a request that was sent but not answered raises (it may have run); any other error
+#: means it was not sent (as in Dispatcher._run_remote)
+_AMBIGUOUS = (LinkClosedError, RequestTimeoutError, RemoteError)
 _ERRORS: dict[str, type[SpearError]] = {
     cls.code: cls
     for cls in (ValidationError, PayloadTooLargeError, NotFoundError, ConflictError, ArtifactError)
@@ -173,6 +178,7 @@ class DirectInvoke:
             idempotency_key=request.idempotency_key or "",
             inline=inline,
             data=data if inline else b"",
+            placement_id=secrets.token_hex(8),
         )
         for _ in range(MAX_PLACEMENTS):
             # Shielded unless it may run on the leader (which stops it when this request is
@@ -199,6 +205,9 @@ class DirectInvoke:
             except PeerUnreachableError:
                 place = _without(place, reply)
                 continue
+            except SpearError as exc:  # not sent: it did not run
+                await self._report(reply, None)
+                raise _not_sent(reply.node_id, exc) from exc
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self._abandon(reply)
@@ -226,9 +235,22 @@ class DirectInvoke:
             return await self._request(leader, place, self._place_timeout_s)
         except SpearError as exc:
             log.info("the leader %s did not place an invocation: %s", leader, exc)
+            self._withdraw(leader, place)
             raise UnavailableError(
                 f"the leader {leader} cannot be reached; retry", retry_after_s=self._retry_after_s
             ) from exc
+        except BaseException:
+            # Given up (the client hung up): an answer crossing the cancel would be dropped,
+            # its placement held by nobody until its deadline.
+            self._withdraw(leader, place)
+            raise
+
+    def _withdraw(self, leader: str, place: SyncPlace) -> None:
+        """Tell the leader no answer to `place` will be used (one-way, never blocks)."""
+        try:
+            self._send(leader, SyncWithdraw(placement_id=place.placement_id))
+        except SpearError as exc:
+            log.info("withdrawal of a placement not sent to %s: %s", leader, exc)
 
     async def _run_on_leader(
         self, request: InvokeRequest, placed: SyncPlaced, data: bytes
@@ -246,11 +268,14 @@ class DirectInvoke:
             )
         except PeerUnreachableError:
             return None
-        except SpearError as exc:  # the link broke, or no answer in time: it may have run
+        except _AMBIGUOUS as exc:  # the link broke, or no answer in time: it may have run
             result = _lost(dispatch, placed.node_id, exc)
             return sync_answer(
                 request, _finished(_record(placed.record), result, placed.node_id), b""
             )
+        except SpearError as exc:  # not sent: it did not run
+            await self._report(placed, None)
+            raise _not_sent(placed.node_id, exc) from exc
         if isinstance(reply, SyncRecorded):
             self._leader_answers += 1
             return sync_answer(request, _record(reply.record), reply.output)
@@ -263,6 +288,7 @@ class DirectInvoke:
 
         Raises:
             PeerUnreachableError: no link to the node could be made (it certainly did not run).
+            SpearError: the dispatch could not be sent (it did not run).
         """
         dispatch = replace(placed.dispatch, data=data)
         node_id = placed.node_id
@@ -277,7 +303,7 @@ class DirectInvoke:
                 )
             except PeerUnreachableError:
                 raise
-            except SpearError as exc:  # the link broke, or no answer in time: it may have run
+            except _AMBIGUOUS as exc:  # the link broke, or no answer in time: it may have run
                 return _lost(dispatch, node_id, exc)
         if isinstance(answer, ExecutionResult | DispatchRefused):
             return answer
@@ -306,10 +332,11 @@ class DirectInvoke:
 
     async def _report(self, placed: SyncPlaced, result: ExecutionResult | None) -> ExecutionRecord:
         """Report the outcome to the leader that placed it; the record to answer with (built
-        here from the placed one if that leader no longer answers)."""
+        here from the placed one if that leader no longer answers, or if it ended the record
+        otherwise meanwhile: this node holds the real result, and answers with it)."""
         dispatch = placed.dispatch
         kept = await self._report_to(dispatch.leader_id, dispatch.execution_id, result)
-        if kept is not None:
+        if kept is not None and (result is None or kept.status.value == result.status):
             return kept
         return _finished(_record(placed.record), result, placed.node_id)
 
@@ -352,6 +379,12 @@ def _without(place: SyncPlace, placed: SyncPlaced) -> SyncPlace:
 
 def _lost(dispatch: Dispatch, node_id: str, exc: Exception) -> ExecutionResult:
     return result_of(dispatch.execution_id, dispatch.attempt, node_id, lost_outcome(node_id, exc))
+
+
+def _not_sent(node_id: str, exc: SpearError) -> UnavailableError:
+    return UnavailableError(
+        f"the invocation could not be sent to node {node_id} ({exc}); retry", retry_after_s=1.0
+    )
 
 
 def _placement_error(reply: DispatchRefused) -> SpearError:

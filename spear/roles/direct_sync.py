@@ -36,6 +36,7 @@ from spear.roles.dispatch import (
     SyncPlaced,
     SyncRecorded,
     SyncRun,
+    SyncWithdraw,
 )
 from spear.roles.dispatcher import REPLY_GRACE_S, Dispatcher
 from spear.roles.function_service import outcome_of
@@ -48,18 +49,23 @@ log = logging.getLogger(__name__)
 ORIGIN_CHECK_S = 0.25
 #: how often the leader checks whether the follower of an inline run it runs still waits
 ABANDON_CHECK_S = 0.05
+#: withdrawals that came before their placement, and runs ended node_lost, remembered at most
+MAX_REMEMBERED = 1000
 
 Answer = SyncPlaced | SyncRecorded | DispatchRefused
 
 
 @dataclass(slots=True)
 class _Run:
-    """A sync invocation placed for a follower, until it reports how it ended."""
+    """A sync invocation placed for a follower, until it reports how it ended (or, run on
+    this node, until that run ends)."""
 
     origin: str  # the follower that received it and waits for it
     node_id: str
     ticket: Ticket
     report_by: float  # trio time: the follower has certainly given up on it by then
+    placement_id: str = ""  # the follower's name of its placement request, if it gave one
+    here: bool = False  # running on this node now: that run ends it, and frees the ticket
 
 
 class SyncDesk:
@@ -68,6 +74,9 @@ class SyncDesk:
     def __init__(self, *, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
         self._runs: dict[ExecutionId, _Run] = {}
+        self._placements: dict[str, ExecutionId] = {}  # placement id -> its execution
+        self._withdrawn: dict[str, None] = {}  # withdrawn before placed (insertion-ordered)
+        self._lost_origins: dict[ExecutionId, str] = {}  # ended node_lost here: their origin
         self._placed_count = 0
         self._lost = 0
         self._service: TaskService | None = None  # the TaskService of this node's terms
@@ -75,10 +84,17 @@ class SyncDesk:
     def reset(self) -> None:
         """This node starts or stops leading: the runs it placed before are given up (their
         followers' reports go to the leader of the day, which does not know them), their
-        records here end `failed` (`node_lost`: the outcome is unknown here)."""
-        runs, self._runs = self._runs, {}
+        records here end `failed` (`node_lost`: the outcome is unknown here). A run on this
+        node goes on and records its own outcome."""
+        runs = self._runs
+        self._runs = {e: run for e, run in runs.items() if run.here}
+        self._placements = {
+            run.placement_id: e for e, run in self._runs.items() if run.placement_id
+        }
         service = self._service
         for execution_id, run in runs.items():
+            if run.here:
+                continue
             self._dispatcher.placer.release(run.ticket)
             if service is not None:
                 message = (
@@ -89,6 +105,7 @@ class SyncDesk:
                     status=ExecStatus.FAILED, error_code=ErrorCode.NODE_LOST, error_message=message
                 )
                 service.close_sync(execution_id, outcome, run.node_id)
+                self._note_lost(execution_id, run.origin)
 
     async def place(
         self,
@@ -113,6 +130,9 @@ class SyncDesk:
                 execution_id = record.execution_id
             try:
                 run = self._place(service, task, execution_id, message, origin)
+                if self._withdrawn.pop(message.placement_id, 0) is None:
+                    self.withdraw(service, execution_id)  # it came first: nobody waits
+                    raise UnavailableError("the placement was withdrawn by its follower")
                 if not (message.inline and run.node_id == self._dispatcher.node_id):
                     return self._placed(service, task, execution_id, run, message)
             except SpearError:
@@ -137,7 +157,12 @@ class SyncDesk:
         execution_id = ExecutionId(message.execution_id)
         try:
             run = self._runs.get(execution_id)
-            if run is None or run.origin != origin or run.node_id != self._dispatcher.node_id:
+            if (
+                run is None
+                or run.here
+                or run.origin != origin
+                or run.node_id != self._dispatcher.node_id
+            ):
                 raise UnavailableError(
                     f"execution {execution_id} is not placed on this node for node {origin}; retry"
                 )
@@ -157,11 +182,12 @@ class SyncDesk:
         self, service: TaskService, execution_id: ExecutionId, ref: str, origin: str
     ) -> TaskRecord:
         """Take back a placement whose node could not be reached; its task."""
-        run = self._runs.pop(execution_id, None)
-        if run is None or run.origin != origin:
+        run = self._runs.get(execution_id)
+        if run is None or run.origin != origin or run.here:
             raise UnavailableError(
                 f"execution {execution_id} is not placed by this leader (it changed); retry"
             )
+        self._forget(execution_id)
         self._dispatcher.placer.release(run.ticket)
         try:
             return service.get_task(ref)
@@ -182,8 +208,10 @@ class SyncDesk:
         if service.place_sync(execution_id, ticket.node_id) is None:
             self._dispatcher.placer.release(ticket)
             raise UnavailableError(f"execution {execution_id} is no longer open")
-        run = _Run(origin, ticket.node_id, ticket, report_by=math.inf)
+        run = _Run(origin, ticket.node_id, ticket, math.inf, message.placement_id)
         self._runs[execution_id] = run
+        if run.placement_id:
+            self._placements[run.placement_id] = execution_id
         self._placed_count += 1
         return run
 
@@ -202,9 +230,16 @@ class SyncDesk:
         record = _dumps(service.get_execution(execution_id))
         return SyncPlaced(node_id=run.node_id, dispatch=dispatch, record=record)
 
+    def _forget(self, execution_id: ExecutionId) -> _Run | None:
+        """No longer track the run (the caller frees its ticket unless it runs here)."""
+        run = self._runs.pop(execution_id, None)
+        if run is not None and run.placement_id:
+            self._placements.pop(run.placement_id, None)
+        return run
+
     def _drop(self, service: TaskService, execution_id: ExecutionId) -> None:
         """It did not run: no placement, no record."""
-        run = self._runs.pop(execution_id, None)
+        run = self._forget(execution_id)
         if run is not None:
             self._dispatcher.placer.release(run.ticket)
         service.close_sync(execution_id, None, "")
@@ -219,8 +254,11 @@ class SyncDesk:
         abandoned: Callable[[], bool],
     ) -> SyncRecorded:
         """Run an invocation placed on this node, as the leader runs its own (its record ends
-        here whatever happens to the follower or to the leadership)."""
-        run = self._runs.pop(execution_id)
+        here whatever happens to the leadership). It stays tracked while it runs: a follower
+        judged lost meanwhile has it stopped (`watch_origins`), and so does one that stops
+        waiting (`abandoned`: it cancelled its request, or its connection is gone)."""
+        run = self._runs[execution_id]
+        run.here = True
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_when, abandoned, execution_id)
@@ -230,6 +268,8 @@ class SyncDesk:
             service.close_sync(execution_id, None, "")  # it did not start: no record
             raise
         finally:
+            if self._runs.get(execution_id) is run:
+                self._forget(execution_id)
             self._dispatcher.placer.release(run.ticket)
         record = service.close_sync(execution_id, outcome, run.node_id)
         assert record is not None
@@ -246,10 +286,15 @@ class SyncDesk:
 
     def withdraw(self, service: TaskService, execution_id: str) -> None:
         """The follower stopped waiting for its placement (its client hung up) before the
-        answer went: nobody sends the dispatch, the record ends cancelled."""
-        run = self._runs.pop(ExecutionId(execution_id), None)
+        answer reached it: nobody sends the dispatch, the record ends cancelled (a run here
+        is stopped: it ends its record itself)."""
+        run = self._runs.get(ExecutionId(execution_id))
         if run is None:
             return
+        if run.here:
+            self._dispatcher.cancel(self._dispatcher.node_id, execution_id)
+            return
+        self._forget(ExecutionId(execution_id))
         self._dispatcher.placer.release(run.ticket)
         outcome = RunOutcome(
             status=ExecStatus.CANCELLED,
@@ -258,21 +303,37 @@ class SyncDesk:
         )
         service.close_sync(ExecutionId(execution_id), outcome, run.node_id)
 
+    def withdraw_placement(self, service: TaskService, message: SyncWithdraw) -> None:
+        """`withdraw` the placement the follower named (its answer may have crossed the
+        withdrawal, or not be made yet: then it is withdrawn as soon as it is)."""
+        execution_id = self._placements.get(message.placement_id)
+        if execution_id is not None:
+            self.withdraw(service, execution_id)
+            return
+        self._withdrawn[message.placement_id] = None
+        while len(self._withdrawn) > MAX_REMEMBERED:
+            del self._withdrawn[next(iter(self._withdrawn))]
+
     def settle(self, service: TaskService, message: SyncOutcome, origin: str) -> Answer:
-        """Record how a run ended (its result from the follower that placed it)."""
+        """Record how a run ended (its result from the follower that placed it).
+
+        A run this node declared lost (or gave up on, at a change of leadership) takes the
+        real result its follower reports late; the records of other runs (the ones this node
+        runs itself, the ones its own gateway received) are not the follower's to end.
+        """
         execution_id = ExecutionId(message.execution_id)
         result = message.result
         outcome = None if result is None else outcome_of(result)
         run = self._runs.get(execution_id)
-        if run is not None and run.origin != origin:
-            return _refused(message.execution_id, UnavailableError("placed for another node"))
+        if run is not None and (run.origin != origin or run.here):
+            return _refused(message.execution_id, UnavailableError("not placed for this report"))
         if run is None:
-            # Placed before this node last began to lead, or its follower was declared lost
-            # meanwhile: an open record still takes the outcome, an ended one stays as it is.
-            node_id = "" if result is None else result.node_id
-            record = service.close_sync(execution_id, outcome, node_id)
+            if self._lost_origins.get(execution_id) == origin and result is not None:
+                record = service.close_sync(execution_id, outcome, result.node_id, amend_lost=True)
+            else:
+                record = service.sync_record(execution_id)
         else:
-            del self._runs[execution_id]
+            self._forget(execution_id)
             self._dispatcher.placer.release(run.ticket)
             record = service.close_sync(execution_id, outcome, run.node_id)
         return SyncRecorded(record=b"" if record is None else _dumps(record))
@@ -284,7 +345,7 @@ class SyncDesk:
             await trio.sleep(ORIGIN_CHECK_S)
             current = service()
             if current is None:
-                if self._runs:
+                if any(not run.here for run in self._runs.values()):
                     self.reset()
                 continue
             now = trio.current_time()
@@ -292,15 +353,16 @@ class SyncDesk:
             for execution_id, run in list(self._runs.items()):
                 if leases.lost(run.origin, now):
                     why = f"no report for {leases.lease_s:g} s, sms.spearlet_lease_ms"
-                elif now >= run.report_by:
+                elif now >= run.report_by and not run.here:
                     why = "it did not report within the invocation's deadline"
                 else:
                     continue
                 self._lose(current, execution_id, run, why)
 
     def _lose(self, service: TaskService, execution_id: ExecutionId, run: _Run, why: str) -> None:
-        del self._runs[execution_id]
-        self._dispatcher.placer.release(run.ticket)
+        self._forget(execution_id)
+        if not run.here:
+            self._dispatcher.placer.release(run.ticket)
         self._lost += 1
         message = (
             f"node {run.origin}, which received the invocation, was lost before it reported"
@@ -311,8 +373,16 @@ class SyncDesk:
             status=ExecStatus.FAILED, error_code=ErrorCode.NODE_LOST, error_message=message
         )
         service.close_sync(execution_id, outcome, run.node_id)
+        if not run.here:
+            self._note_lost(execution_id, run.origin)
         if run.node_id != run.origin:
             self._dispatcher.cancel(run.node_id, execution_id)  # nobody waits for it now
+
+    def _note_lost(self, execution_id: ExecutionId, origin: str) -> None:
+        """Its follower may still report its real outcome (see `settle`)."""
+        self._lost_origins[execution_id] = origin
+        while len(self._lost_origins) > MAX_REMEMBERED:
+            del self._lost_origins[next(iter(self._lost_origins))]
 
     def statistics(self) -> dict[str, int]:
         return {

@@ -11,8 +11,9 @@ delivers the `ExecutionResult` to whichever node leads then, again and again unt
 
 Two pure cores hold the rules, so that the simulator can drive them too:
 
-- `Fence` (on every Spearlet): refuses a command from a term lower than one already seen,
-  refuses an execution id that is already running here (one id never runs twice at once), and
+- `Fence` (on every Spearlet): refuses a command from a term lower than one already seen
+  (but for a cancel of at least the term its execution was admitted under), refuses an
+  execution id that is already running here (one id never runs twice at once), and
   keeps the Spearlet's *lease*: an async dispatch is taken only while the Spearlet holds a lease,
   renewed by each acknowledged resource report for `lease_s` from the moment the report was
   *sent*. When the lease lapses the Spearlet cancels its async executions itself.
@@ -151,6 +152,7 @@ class SyncPlace:
     exclude: tuple[str, ...] = ()
     inline: bool = False
     data: bytes = b""  # the input, when inline
+    placement_id: str = ""  # chosen by the follower: what a `SyncWithdraw` names
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,6 +186,15 @@ class SyncOutcome:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SyncWithdraw:
+    """The follower stopped waiting for the answer to its `SyncPlace` (its client hung up)
+    and will neither dispatch nor report it (one-way, follower -> leader): a placement made
+    for it is taken back, its record ends cancelled, a run on the leader is stopped."""
+
+    placement_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SyncRecorded:
     """The leader's record of a sync invocation (CBOR), with its output when the asker lacks
     it (an earlier invocation with the same idempotency key)."""
@@ -207,6 +218,7 @@ DISPATCH_MESSAGES: dict[str, type] = {
     "dispatch.sync_outcome": SyncOutcome,
     "dispatch.sync_recorded": SyncRecorded,
     "dispatch.sync_run": SyncRun,
+    "dispatch.sync_withdraw": SyncWithdraw,
 }
 
 
@@ -247,6 +259,16 @@ class Fence:
             return False
         self.term = term
         return True
+
+    def may_cancel(self, execution_id: str, term: int) -> bool:
+        """Whether a cancel of `term` may stop that execution: one of the highest term seen
+        may (and that term is remembered), and so may one of at least the term the execution
+        was admitted under (a follower cancels with its placement's term: a newer leader
+        heard of meanwhile does not make that cancel stale)."""
+        if self.observe(term):
+            return True
+        running = self._running.get(execution_id)
+        return running is not None and term >= running.term
 
     def admit(self, dispatch: Dispatch, now: float) -> tuple[RefusalCode, str] | None:
         """Take a dispatch as running, or say why not."""

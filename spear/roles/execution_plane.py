@@ -43,6 +43,7 @@ from spear.roles.dispatch import (
     SyncPlace,
     SyncPlaced,
     SyncRun,
+    SyncWithdraw,
 )
 from spear.roles.dispatcher import REPLY_GRACE_S, Dispatcher
 from spear.roles.function_service import FunctionService
@@ -255,6 +256,9 @@ async def _route(
             plane.functions.cancel(message)
         elif isinstance(message, DispatchProbe) and reply is not None:
             await reply.send(plane.functions.probe(message))
+        elif isinstance(message, SyncWithdraw):
+            if leader.service is not None and taking_as_leader():
+                plane.desk.withdraw_placement(leader.service, message)
         elif reply is None:
             continue
         elif isinstance(message, Dispatch):

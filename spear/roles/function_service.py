@@ -153,9 +153,10 @@ class FunctionService:
         return DispatchAccepted(execution_id=dispatch.execution_id, attempt=dispatch.attempt)
 
     def cancel(self, message: DispatchCancel) -> bool:
-        """Stop an execution if the command is not from a stale term. One whose dispatch is
-        still on its way here is remembered, and ends cancelled as soon as it arrives."""
-        if not self.fence.observe(message.term):
+        """Stop an execution if the command is not from a stale term (see
+        `Fence.may_cancel`). One whose dispatch is still on its way here is remembered, and
+        ends cancelled as soon as it arrives."""
+        if not self.fence.may_cancel(message.execution_id, message.term):
             log.info("cancel of %s from stale term %d ignored", message.execution_id, message.term)
             return False
         if self._spearlet.cancel(ExecutionId(message.execution_id)):

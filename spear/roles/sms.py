@@ -292,14 +292,30 @@ class TaskService:
         return entry.record
 
     def close_sync(
-        self, execution_id: ExecutionId, outcome: RunOutcome | None, node_id: str
+        self,
+        execution_id: ExecutionId,
+        outcome: RunOutcome | None,
+        node_id: str,
+        *,
+        amend_lost: bool = False,
     ) -> ExecutionRecord | None:
         """Record how an open sync invocation ended; `None`: it did not run (refused), its
-        record is dropped. Returns the record kept (as it was, if it had already ended)."""
+        record is dropped. Returns the record kept (as it was, if it had already ended).
+
+        Args:
+            amend_lost: a record already ended `node_lost` takes `outcome` instead (the
+                follower judged lost reported after all: its real outcome is known).
+        """
         entry = self._sync.get(execution_id)
-        if entry is None or entry.done.is_set():
-            return None if entry is None else entry.record
-        if outcome is None:
+        if entry is None:
+            return None
+        if entry.done.is_set():
+            error = entry.record.error or {}
+            lost = error.get("code") == ErrorCode.NODE_LOST
+            if not (amend_lost and outcome is not None and lost):
+                return entry.record
+            self._sync_bytes -= entry.size
+        elif outcome is None:
             self._forget_sync(entry)
             return None
         entry.record = _finish(entry.record, outcome, node_id, self._now())
@@ -308,6 +324,11 @@ class TaskService:
         self._evict()
         entry.done.set()
         return entry.record
+
+    def sync_record(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        """The kept record of a sync invocation, if any (open or ended)."""
+        entry = self._sync.get(execution_id)
+        return None if entry is None else entry.record
 
     def _new_record(
         self, task: TaskRecord, mode: Literal["sync", "async"], idempotency_key: str | None
@@ -343,16 +364,21 @@ class TaskService:
         entry.done.set()  # a duplicate waiting on it learns it was refused
 
     def _evict(self) -> None:
+        """Drop the oldest ended records beyond the limits (running ones are skipped: a
+        long run must not keep every later record)."""
         limit, budget = self._config.sync_record_limit, self._config.sync_record_bytes
-        while self._sync and (len(self._sync) > limit or self._sync_bytes > budget):
-            oldest = next(iter(self._sync.values()))
-            if not oldest.done.is_set():
-                break
-            del self._sync[oldest.record.execution_id]
-            self._sync_bytes -= oldest.size
-            key = oldest.record.idempotency_key
+        if len(self._sync) <= limit and self._sync_bytes <= budget:
+            return
+        for entry in list(self._sync.values()):
+            if len(self._sync) <= limit and self._sync_bytes <= budget:
+                return
+            if not entry.done.is_set():
+                continue
+            del self._sync[entry.record.execution_id]
+            self._sync_bytes -= entry.size
+            key = entry.record.idempotency_key
             if key is not None:
-                self._sync_idem.pop((oldest.record.task_id, key), None)
+                self._sync_idem.pop((entry.record.task_id, key), None)
 
     # --- async invocations -----------------------------------------------------------------
 

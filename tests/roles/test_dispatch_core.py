@@ -61,6 +61,16 @@ def test_one_execution_id_never_runs_twice_at_once() -> None:
     assert fence.admit(dispatch(attempt=2), now=1.0) is None
 
 
+def test_a_cancel_of_at_least_the_admitting_term_stops_the_execution() -> None:
+    fence = Fence()
+    assert fence.admit(dispatch("ex-5", term=5, mode="sync"), now=0.0) is None
+    fence.observe(6)  # a newer leader was heard of meanwhile
+    assert not fence.may_cancel("ex-5", 4)  # older than its admission: stale
+    assert fence.may_cancel("ex-5", 5)  # its placement's own term still may
+    assert not fence.may_cancel("ex-other", 5)  # not running here, and stale
+    assert fence.may_cancel("ex-other", 7) and fence.term == 7  # the newest term always may
+
+
 def test_async_work_needs_a_lease_sync_work_does_not() -> None:
     fence = Fence()
     refusal = fence.admit(dispatch(), now=0.0)

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from spear.node import NodeHandle
-from spear.roles.dispatch import SyncPlace, SyncPlaced
+from spear.roles.dispatch import DispatchProbe, SyncOutcome, SyncPlace, SyncPlaced
 from tests.roles.api_helpers import cluster_client, register, register_wasm
 from tests.roles.test_cluster import start_three, wait_leader
 from tests.roles.test_dispatch_cluster import FAST_LEASES
@@ -144,12 +144,31 @@ async def test_a_spearlet_lost_midway_is_a_502_node_lost_recorded_on_the_leader(
 SPIN = ["/bin/sh", "-c", "while :; do :; done # test_dispatch_direct"]
 
 
+def _spinning() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == SPIN]
+
+
 async def spinning_gone() -> list[psutil.Process]:
     """The spin processes still alive after up to 10 s (waited in a thread: the nodes share
     this test's event loop)."""
-    spinning = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == SPIN]
-    _, alive = await trio.to_thread.run_sync(psutil.wait_procs, spinning, 10)
+    _, alive = await trio.to_thread.run_sync(psutil.wait_procs, _spinning(), 10)
     return list(alive)
+
+
+async def spinning_started() -> None:
+    """Once a spin process runs (so that `spinning_gone` has one to see go)."""
+    with trio.fail_after(20):
+        while True:
+            if await trio.to_thread.run_sync(_spinning):
+                return
+            await trio.sleep(0.05)
+
+
+async def ended(api: httpx.AsyncClient, execution_id: str) -> dict[str, Any]:
+    """The execution's record once it has ended (or, after 20 s, as it is)."""
+    answer = await api.get(f"/api/v1/executions/{execution_id}", params={"wait_ms": 20000})
+    record: dict[str, Any] = answer.json()
+    return record
 
 
 @pytest.mark.parametrize(
@@ -284,3 +303,166 @@ async def test_a_placement_never_reported_on_ends_its_record(
     assert (record["status"], record["error"]["code"]) == ("failed", "node_lost"), record
     assert follower.node_id in record["error"]["message"]
     assert "deadline" in record["error"]["message"]
+
+
+@pytest.mark.parametrize("killed", [True, False])
+async def test_a_follower_lost_while_the_leader_runs_its_invocation_stops_it(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, killed: bool
+) -> None:
+    (leader, follower, _), scopes = await three_roles(tmp_path, nursery)
+    async with cluster_client(leader.http_url) as admin:
+        await pin(admin, "spin", leader, runtime="process", command=SPIN, timeout_ms=600_000)
+        await pin(admin, "quick", leader, runtime="process", command=["/bin/cat"])
+        async with cluster_client(follower.http_url) as api:
+            assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+
+            async def call() -> None:
+                await api.post("/api/v1/tasks/spin/invoke", content=b"x")
+
+            async with trio.open_nursery() as calls:
+                calls.start_soon(call)
+                running = await running_record(admin, "spin")
+                assert running["node_id"] == leader.node_id
+                await spinning_started()
+                if killed:  # a node killed outright cancels none of its requests: its links close
+                    monkeypatch.setattr(follower.cluster.transport, "_cancel", lambda *_: None)
+                scopes[follower.node_id].cancel()
+                calls.cancel_scope.cancel()
+        record = await ended(admin, running["execution_id"])
+        assert record["status"] in ("cancelled", "failed"), record
+    assert await spinning_gone() == []
+
+
+async def test_a_hang_up_after_the_spearlet_heard_a_newer_term_stops_the_guest(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(admin, "spin", spearlet, runtime="process", command=SPIN, timeout_ms=600_000)
+        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
+        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+
+        async def call() -> None:
+            async with httpx.AsyncClient(base_url=follower.http_url) as impatient:
+                await impatient.post("/api/v1/tasks/spin/invoke", content=b"x")
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(call)
+            running = await running_record(admin, "spin")
+            await spinning_started()
+            # The Spearlet hears of a newer term, as after a change of leader: the follower's
+            # cancel still carries the placement's term, the one the run was admitted under.
+            term = leader.leader.term + 1
+            probe = DispatchProbe(term=term, leader_id="x", execution_ids=(), attempts=())
+            await follower.cluster.request(spearlet.node_id, probe, 5)
+            calls.cancel_scope.cancel()  # the client hangs up
+        record = await ended(admin, running["execution_id"])
+        assert (record["status"], record["node_id"]) == ("cancelled", spearlet.node_id), record
+    assert await spinning_gone() == []
+
+
+async def test_a_report_after_the_leader_gave_up_on_it_is_answered_with_its_output(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
+        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+        direct = follower.follower._direct
+        assert direct is not None
+        request = direct._request
+
+        async def late(node_id: str, message: object, timeout_s: float) -> object:
+            if isinstance(message, SyncOutcome):
+                # held up until the leader has ended the record node_lost (no report within
+                # the invocation's deadline plus the grace)
+                record = await ended(admin, message.execution_id)
+                assert record["error"]["code"] == "node_lost", record
+            return await request(node_id, message, timeout_s)
+
+        monkeypatch.setattr(direct, "_request", late)
+        answer = await api.post(
+            "/api/v1/tasks/quick/invoke", content=b"payload", params={"timeout_ms": 100}
+        )
+        assert (answer.status_code, answer.content) == (200, b"payload"), answer.text
+        execution_id = answer.headers["x-spear-execution-id"]
+        # the leader took the real outcome into the record it had closed
+        record = (await admin.get(f"/api/v1/executions/{execution_id}")).json()
+        assert (record["status"], record["node_id"]) == ("succeeded", spearlet.node_id), record
+        output = await admin.get(f"/api/v1/executions/{execution_id}/output")
+        assert output.content == b"payload"
+
+
+async def test_a_hang_up_while_an_inline_placement_is_answered_frees_the_slot(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_slot = FAST_LEASES | {"node.max_running": 1}
+    nodes, _ = await start_three(tmp_path, nursery, dict.fromkeys(("n1", "n2", "n3"), one_slot))
+    with trio.fail_after(30):
+        leader = await wait_leader(nodes)
+    follower, spearlet = (n for n in nodes if n is not leader)
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
+        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+        direct = follower.follower._direct
+        assert direct is not None
+        request = direct._request
+        placements: list[SyncPlaced] = []
+        crossed = trio.Event()
+
+        async def crossing(node_id: str, message: object, timeout_s: float) -> object:
+            reply = await request(node_id, message, timeout_s)
+            if isinstance(reply, SyncPlaced) and not crossed.is_set():
+                placements.append(reply)
+                crossed.set()
+                await trio.sleep_forever()  # the hang-up lands as the answer comes
+            return reply
+
+        monkeypatch.setattr(direct, "_request", crossing)
+
+        async def impatient() -> None:
+            async with httpx.AsyncClient(base_url=follower.http_url) as client:
+                await client.post("/api/v1/tasks/quick/invoke", content=b"x")
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(impatient)
+            with trio.fail_after(20):
+                await crossed.wait()
+            calls.cancel_scope.cancel()  # the client hangs up
+        monkeypatch.setattr(direct, "_request", request)
+        (placed,) = placements
+        record = await ended(admin, placed.dispatch.execution_id)
+        assert record["status"] == "cancelled", record
+        again = await api.post("/api/v1/tasks/quick/invoke", content=b"y")  # the one slot
+        assert (again.status_code, again.content) == (200, b"y"), again.text
+
+
+async def test_a_long_run_does_not_keep_the_records_that_ended_after_it(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    few = FAST_LEASES | {"sms.sync_record_limit": 2}
+    nodes, _ = await start_three(tmp_path, nursery, dict.fromkeys(("n1", "n2", "n3"), few))
+    with trio.fail_after(30):
+        leader = await wait_leader(nodes)
+    follower, spearlet = (n for n in nodes if n is not leader)
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(admin, "spin", spearlet, runtime="process", command=SPIN, timeout_ms=600_000)
+        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
+        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+
+        async def call() -> None:
+            async with httpx.AsyncClient(base_url=follower.http_url) as impatient:
+                await impatient.post("/api/v1/tasks/spin/invoke", content=b"x")
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(call)
+            await running_record(admin, "spin")
+            for _ in range(4):
+                answer = await api.post("/api/v1/tasks/quick/invoke", content=b"q")
+                assert answer.status_code == 200, answer.text
+            service = leader.leader.service
+            assert service is not None
+            # the oldest record still runs: the ended ones after it go beyond the limit
+            assert service.statistics()["sync_records"] == 2
+            calls.cancel_scope.cancel()
+    assert await spinning_gone() == []
