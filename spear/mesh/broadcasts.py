@@ -60,13 +60,16 @@ class BroadcastQueue:
     is removed from its tier at once (a bisection per tier), so no tier holds anything stale.
     """
 
-    __slots__ = ("_budgets", "_by_node", "_mult", "_seq", "_tiers")
+    __slots__ = ("_budgets", "_by_node", "_low", "_mult", "_seq", "_tiers")
 
     def __init__(self, retransmit_mult: int) -> None:
         self._mult = retransmit_mult
         self._by_node: dict[str, _Queued] = {}
         #: tier t: the updates sent t times
         self._tiers: list[_Tier] = [_Tier()]
+        #: no tier below this one holds anything (a take skips them: once a mass join's
+        #: updates have gone out a few times, the low tiers stay empty)
+        self._low = 0
         self._budgets: dict[int, int] = {}
         self._seq = 0
 
@@ -85,6 +88,7 @@ class BroadcastQueue:
         self._seq += 1
         subject = update.node_id if isinstance(update, AliveUpdate) else None
         self._by_node[update.node_id] = _Queued(update=update, seq=self._seq, subject_alive=subject)
+        self._low = 0
         tier = self._tiers[0]
         tier.seqs.append(self._seq)  # the newest number: the tier stays sorted
         tier.updates.append(update)
@@ -107,25 +111,43 @@ class BroadcastQueue:
         skip_seq = skip.seq if skip is not None and skip.subject_alive == recipient else 0
         chosen: list[Update] = []
         runs: list[tuple[int, list[int], list[Update]]] = []
-        for transmits, tier in enumerate(self._tiers):
+        tiers = self._tiers
+        first = -1
+        room = limit
+        for transmits in range(self._low, len(tiers)):
+            tier = tiers[transmits]
             seqs = tier.seqs
             if not seqs:
                 continue
-            start = max(0, len(seqs) - (limit - len(chosen)))
+            if first < 0:
+                first = transmits
+            updates = tier.updates
+            start = len(seqs) - room
+            if start < 0:
+                start = 0
             # The recipient's own alive update stays queued; the next older one is taken.
             at = tier.find(skip_seq, start) if skip_seq and skip_seq >= seqs[start] else -1
-            if at >= 0:
-                start = max(0, start - 1)
-            run_seqs, run_updates = seqs[start:], tier.updates[start:]
-            del seqs[start:], tier.updates[start:]
+            if at >= 0 and start > 0:
+                start -= 1
+            if start:
+                run_seqs, run_updates = seqs[start:], updates[start:]
+                del seqs[start:], updates[start:]
+            else:  # the whole tier (often one update, late in a dissemination): no copies
+                run_seqs, run_updates = seqs, updates
+                seqs = tier.seqs = []
+                updates = tier.updates = []
             if at >= 0:
                 seqs.append(run_seqs.pop(at - start))  # newer than everything left
-                tier.updates.append(run_updates.pop(at - start))
+                updates.append(run_updates.pop(at - start))
             if run_seqs:
                 chosen.extend(reversed(run_updates))
                 runs.append((transmits + 1, run_seqs, run_updates))
-            if len(chosen) == limit:
-                break
+                room -= len(run_seqs)
+                if not room:
+                    break
+        if first >= 0:
+            # Runs only move up, to tiers above `first`.
+            self._low = first if tiers[first].seqs else first + 1
         for transmits, run_seqs, run_updates in runs:
             if transmits >= budget:
                 by_node = self._by_node
@@ -141,7 +163,10 @@ class BroadcastQueue:
         while transmits >= len(tiers):
             tiers.append(_Tier())
         tier = tiers[transmits]
-        if not tier.seqs or tier.seqs[-1] < seqs[0]:
+        if not tier.seqs:  # the run's lists are the take's own: the tier adopts them
+            tier.seqs, tier.updates = seqs, updates
+            return
+        if tier.seqs[-1] < seqs[0]:
             tier.seqs.extend(seqs)
             tier.updates.extend(updates)
             return

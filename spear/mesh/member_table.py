@@ -89,6 +89,10 @@ class MemberTable:
             meta=meta, state=MemberState.ALIVE, incarnation=incarnation, changed_at=now
         )
         self.records: dict[str, MemberRecord] = {meta.node_id: self.own}
+        #: the incarnation of every other member, as in `records`: the hot path (news already
+        #: heard) then reads one small dict, not a record per update (self is absent, so an
+        #: update about self always reaches apply_alive)
+        self._incarnations: dict[str, int] = {}
         self.suspicions: dict[str, Suspicion] = {}
         self.order = ProbeOrder(rng)
         self.queue = BroadcastQueue(timings.retransmit_mult)
@@ -126,17 +130,12 @@ class MemberTable:
 
     def apply_updates(self, updates: Iterable[object], now: float) -> None:
         """Apply gossiped updates in order; anything else in the tuple is ignored."""
-        record_of, own = self.records.get, self.own
+        incarnation_of, alive = self._incarnations.get, AliveUpdate
         for update in updates:
-            if isinstance(update, AliveUpdate):
+            if type(update) is alive:
                 # Most updates in a large cluster are news already heard: the same verdict
-                # as apply_alive's, without the call.
-                record = record_of(update.node_id)
-                if (
-                    record is not None
-                    and record is not own
-                    and update.incarnation <= record.incarnation
-                ):
+                # as apply_alive's, without the call (-1: unknown, or self).
+                if update.incarnation <= incarnation_of(update.node_id, -1):
                     continue
                 self.apply_alive(update, now)
             elif isinstance(update, SuspectUpdate):
@@ -148,8 +147,7 @@ class MemberTable:
         """Merge one push-pull entry from `sender` (anti-entropy)."""
         node_id, incarnation = entry.meta.node_id, entry.incarnation
         if entry.state == MemberState.ALIVE:
-            record = self.records.get(node_id)
-            if record is not None and record is not self.own and incarnation <= record.incarnation:
+            if incarnation <= self._incarnations.get(node_id, -1):
                 return  # what apply_alive would decide, without building the update
             self.apply_alive(
                 AliveUpdate(node_id=node_id, incarnation=incarnation, meta=entry.meta), now
@@ -182,6 +180,7 @@ class MemberTable:
             return
         old_state, old_meta = record.state, record.meta
         record.incarnation, record.meta = update.incarnation, update.meta
+        self._incarnations[update.node_id] = update.incarnation
         self.suspicions.pop(update.node_id, None)
         self.queue.queue(update)
         if old_state is not MemberState.ALIVE:
@@ -204,7 +203,7 @@ class MemberTable:
             return
         if record.state in GONE:
             return
-        record.incarnation = update.incarnation
+        record.incarnation = self._incarnations[update.node_id] = update.incarnation
         bounds = suspicion_bounds(self._timings, self.live_count())
         self.suspicions[update.node_id] = Suspicion(accuser=update.accuser, bounds=bounds, now=now)
         self.queue.queue(update)
@@ -219,7 +218,7 @@ class MemberTable:
             return
         if record is None or update.incarnation < record.incarnation or record.state in GONE:
             return
-        record.incarnation = update.incarnation
+        record.incarnation = self._incarnations[update.node_id] = update.incarnation
         self.suspicions.pop(update.node_id, None)
         self.queue.queue(update)
         if update.accuser == update.node_id:
@@ -280,6 +279,7 @@ class MemberTable:
         for node_id, record in list(self.gone.items()):
             if now - record.changed_at >= expiry:
                 del self.records[node_id]
+                del self._incarnations[node_id]
                 del self.gone[node_id]
                 self.order.remove(node_id)
                 self.events.append(MemberEvent(kind=EventKind.REMOVED, member=record.view()))
@@ -292,6 +292,7 @@ class MemberTable:
             changed_at=now,
         )
         self.records[update.node_id] = record
+        self._incarnations[update.node_id] = update.incarnation
         self._live += 1
         self.order.add(update.node_id)
         self.queue.queue(update)

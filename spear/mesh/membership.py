@@ -134,6 +134,8 @@ class Membership:
         self._push_pulls = 0
         self._incompatible_peers = 0
         self._deaths_declared = 0
+        #: outbox.sent at the last flush (equal: nothing to send)
+        self._sent_flushed = 0
         self._handlers: dict[type, Callable[[Any, float], None]] = {
             Ping: self._handle_ping,
             PingRequest: self._handle_ping_request,
@@ -300,11 +302,11 @@ class Membership:
     def _gossip(self, now: float) -> None:
         interval = self._timings.gossip_interval_s
         self._next_gossip = max(self._next_gossip + interval, now + interval / 2)
+        outbox, source_id = self._outbox, self._own.meta.node_id
         for target in self._gossip_targets(now):
-            updates = self._outbox.piggyback(target.node_id)
+            updates = outbox.piggyback(target.node_id)
             if updates:
-                gossip = Gossip(source_id=self.node_id, updates=updates)
-                self._outbox.send(target.mesh_address, gossip)
+                outbox.send(target.mesh_address, Gossip(source_id=source_id, updates=updates))
 
     def _gossip_targets(self, now: float) -> list[MemberMeta]:
         """Up to fanout random members: alive, suspect, or dead recently enough to refute."""
@@ -365,10 +367,21 @@ class Membership:
         )
 
     def _flush(self) -> Output:
-        output = Output(
-            messages=self._outbox.drain(),
-            events=tuple(self._table.events),
-            health_score=self._awareness.score,
-        )
-        self._table.events.clear()
+        score = self._awareness.score
+        events = self._table.events
+        outbox = self._outbox
+        if not events and outbox.sent == self._sent_flushed:
+            # Most calls (a message of news already heard) produce nothing: one shared,
+            # immutable Output per health score instead of a new one each time.
+            quiet = _QUIET.get(score)
+            if quiet is None:
+                quiet = _QUIET[score] = Output(health_score=score)
+            return quiet
+        self._sent_flushed = outbox.sent
+        output = Output(messages=outbox.drain(), events=tuple(events), health_score=score)
+        events.clear()
         return output
+
+
+#: health score -> the Output of a call that produced nothing (frozen, so shared)
+_QUIET: dict[int, Output] = {}

@@ -55,18 +55,20 @@ class Prober:
 
     def deadline(self, *, probing: bool) -> float:
         """When `tick` next has work (relay nacks and expiries; probe steps if `probing`)."""
-        deadline = self._round_deadline() if probing else math.inf
+        # Read after every call into the core: one running minimum, no calls.
+        if not probing:
+            deadline = math.inf
+        elif (probe := self._probe) is None:
+            deadline = self._next_probe
+        elif not probe.acked and not probe.indirect_sent:
+            deadline = probe.direct_deadline
+        else:
+            deadline = probe.end
         for r in self._relays.values():
-            deadline = min(deadline, r.expires if r.nacked else r.nack_deadline)
+            at = r.expires if r.nacked else r.nack_deadline
+            if at < deadline:
+                deadline = at
         return deadline
-
-    def _round_deadline(self) -> float:
-        probe = self._probe
-        if probe is None:
-            return self._next_probe
-        if not probe.acked and not probe.indirect_sent:
-            return probe.direct_deadline
-        return probe.end
 
     def tick(self, now: float, *, probing: bool) -> None:
         """Send due nacks; when `probing`, advance the round in flight or start the next."""

@@ -97,6 +97,9 @@ class Scheduler:
         self._seq = itertools.count()
         self._scope: trio.CancelScope | None = None
         self._running = False
+        #: the virtual time while a process is being stepped on a frozen mock clock (which
+        #: only this task moves then), else None: what the net reads instead of asking trio
+        self.now: float | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
         """Start the scheduler task in `nursery` (once; later calls do nothing)."""
@@ -114,15 +117,6 @@ class Scheduler:
         if scope is not None and at < scope.deadline:
             scope.deadline = at
 
-    def _next(self) -> tuple[float, Process] | None:
-        heap = self._heap
-        while heap:
-            at, _, proc, generation = heap[0]
-            if generation == proc.generation and at == proc.wake_at:
-                return at, proc
-            heapq.heappop(heap)
-        return None
-
     async def _run(self) -> None:
         clock = trio.lowlevel.current_clock()
         mock = clock if isinstance(clock, trio.testing.MockClock) else None
@@ -134,10 +128,23 @@ class Scheduler:
         # kept while our own steps wake no one (a woken task lands on the run queue, which
         # the statistics count), dropped whenever this task sleeps.
         settled = False
+        heap, heappop = self._heap, heapq.heappop
+        # On a frozen clock, the time read before a step still holds after it (a step
+        # neither awaits nor jumps the clock): no new read until this task next awaits.
+        now, fresh = 0.0, False
         while True:
-            item = self._next()
-            at = item[0] if item is not None else math.inf
-            now = current_time()
+            # The earliest live wake-up (entries of an earlier life or superseded by an
+            # earlier wake-up are dropped on the way).
+            at, proc = math.inf, None
+            while heap:
+                at, _, proc, generation = heap[0]
+                if generation == proc.generation and at == proc.wake_at:
+                    break
+                heappop(heap)
+                at, proc = math.inf, None
+            if not fresh:
+                now = current_time()
+            fresh = frozen
             if at > now:
                 runnable, to_deadline = run_state(now)
                 if not settled or runnable:
@@ -145,6 +152,7 @@ class Scheduler:
                     # it may add an earlier wake-up or a deadline of its own.
                     await trio.testing.wait_all_tasks_blocked()
                     settled = True
+                    fresh = False
                     continue
                 if mock is None or to_deadline <= at - now:
                     self._scope = trio.CancelScope(deadline=at)
@@ -152,19 +160,28 @@ class Scheduler:
                         await trio.sleep_forever()
                     self._scope = None
                     settled = False
+                    fresh = False
                     continue
                 # Nothing else can run before `at`: move the clock there at once.
                 mock.jump(at - now)
-                while current_time() < at:
-                    mock.jump(math.ulp(at))
                 now = current_time()
+                while now < at:
+                    mock.jump(math.ulp(at))
+                    now = current_time()
             elif not frozen:
                 now = current_time()
-            assert item is not None
-            heapq.heappop(self._heap)
-            proc = item[1]
+            assert proc is not None
+            heappop(heap)
             proc.wake_at = math.inf
-            proc.step(max(now, at))
+            t = max(now, at)
+            if frozen:
+                self.now = t
+                try:
+                    proc.step(t)
+                finally:
+                    self.now = None
+            else:
+                proc.step(t)
 
 
 def _run_state_reader() -> Callable[[float], tuple[int, float]]:
@@ -276,7 +293,7 @@ class Process:
         self.paused_until = max(self.paused_until, trio.current_time() + duration_s)
 
     def _on_arrival(self, at: float) -> None:
-        if self.driver is not None:
+        if at < self.wake_at and self.driver is not None:  # (wake's own test, first)
             self._scheduler.wake(self, at)
 
     def step(self, t: float) -> None:
@@ -286,6 +303,8 @@ class Process:
             return
         exact = self.clock.exact
         now = t if exact else self.clock.local(t)
+        # Once per message of the whole simulation: bound methods hoisted out of the loop.
+        receive, name, on_message = self.net.receive, self.name, driver.on_message
         while self.driver is driver:
             if self.paused_until > t:
                 self._scheduler.wake(self, self.paused_until)
@@ -296,15 +315,15 @@ class Process:
                     return
                 src, message = self._held
                 self._held = None
-                driver.on_message(src, message, now)
+                on_message(src, message, now)
                 continue
-            item = self.net.receive(self.name, t)
+            item = receive(name, t)
             if item is not None:
                 if self.starve_delay is not None:
                     self._held = item
                     self._busy_until = t + self.starve_delay()
                     continue
-                driver.on_message(item[0], item[1], now)
+                on_message(item[0], item[1], now)
                 continue
             deadline = driver.next_deadline
             if deadline <= now:

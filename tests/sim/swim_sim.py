@@ -61,8 +61,13 @@ class SwimObserver:
     raise_on_false_death: bool = True
 
     def on_event(self, observer: str, event: MemberEvent, now: float) -> None:
-        subject = event.member.node_id
-        view = self.views.setdefault(observer, {})
+        # Called for every member event of every node (a million in a 1,000-node join): no
+        # throwaway dicts for setdefault.
+        member = event.member
+        subject = member.meta.node_id
+        view = self.views.get(observer)
+        if view is None:
+            view = self.views[observer] = {}
         before = view.get(subject)
         if event.kind == EventKind.REMOVED:
             view.pop(subject, None)
@@ -75,8 +80,12 @@ class SwimObserver:
             self.alive_counts[observer] = self.alive_counts.get(observer, 0) + delta
         if state is None:
             return
-        key = (subject, state, event.member.incarnation)
-        self.learned.setdefault(key, {}).setdefault(observer, now)
+        key = (subject, state, member.incarnation)
+        seen = self.learned.get(key)
+        if seen is None:
+            seen = self.learned[key] = {}
+        if observer not in seen:
+            seen[observer] = now
         if state != "alive":
             self.verdicts.append((now, observer, subject, state))
         if event.kind == EventKind.DEAD and subject in self.sim.protected:
@@ -131,11 +140,14 @@ class SwimDriver:
 
     def handle(self, output: Any, now: float) -> None:
         self.next_deadline = self.core.next_deadline
-        send, address = self.proc.net.send, self.address
-        for to, message in output.messages:
-            send(address, to, message)
-        for event in output.events:
-            self.sim.observer.on_event(self.name, event, now)
+        if output.messages:
+            send, address = self.proc.net.send, self.address
+            for to, message in output.messages:
+                send(address, to, message)
+        if output.events:
+            on_event, name = self.sim.observer.on_event, self.name
+            for event in output.events:
+                on_event(name, event, now)
 
 
 class SwimSim:
