@@ -104,6 +104,7 @@ class DirectInvoke:
         request: Request,
         send: SendOneWay,
         leader_id: Callable[[], str | None],
+        term: Callable[[], int],
         max_body_bytes: int,
         place_timeout_s: float,
         retry_after_s: float = 1.0,
@@ -113,6 +114,8 @@ class DirectInvoke:
             functions: this node's FunctionService (runs what is placed on this node).
             request, send: a request and a one-way message to a node by id (the mesh).
             leader_id: the leader this node knows for the current term, if any.
+            term: this node's Raft term (a placement on this node from an older term is a
+                deposed leader's and is refused).
             max_body_bytes: the largest input taken (gateway.max_invoke_body_bytes).
             place_timeout_s: how long the leader may take to place (a repeated
                 idempotency key waits there for the first invocation to end).
@@ -128,6 +131,7 @@ class DirectInvoke:
         self._retry_after_s = retry_after_s
         self._runs = 0
         self._local_runs = 0
+        self._term = term
         self._leader_answers = 0
 
     def takes(self, scope: Scope) -> str | None:
@@ -295,6 +299,10 @@ class DirectInvoke:
         self._runs += 1
         if node_id == self.node_id:
             self._local_runs += 1
+            # This node's Spearlet hears of new terms from the leader's acks and dispatches,
+            # later than its Raft state does: let its fence know, so that it refuses a
+            # placement by a leader deposed meanwhile as any other Spearlet would.
+            self._functions.fence.observe(self._term())
             answer: object = await self._functions.handle(dispatch)
         else:
             try:

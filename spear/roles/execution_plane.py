@@ -141,6 +141,7 @@ def build_execution_plane(
         request=mesh.request,
         send=mesh.send,
         leader_id=lambda: replicator.soft_state.leader_id,
+        term=lambda: replicator.soft_state.term,
         max_body_bytes=config.gateway.max_invoke_body_bytes,
         place_timeout_s=config.runtimes.max_timeout_ms / 1000 + REPLY_GRACE_S,
     )

@@ -466,3 +466,23 @@ async def test_a_long_run_does_not_keep_the_records_that_ended_after_it(
             assert service.statistics()["sync_records"] == 2
             calls.cancel_scope.cancel()
     assert await spinning_gone() == []
+
+
+async def test_a_placement_on_the_follower_by_a_deposed_leader_is_refused_there(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (leader, follower, _), _ = await three_roles(tmp_path, nursery)
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(admin, "here", follower, runtime="process", command=["/bin/cat"])
+        first = await api.post("/api/v1/tasks/here/invoke", content=b"ready")
+        assert (first.status_code, first.headers["x-spear-node"]) == (200, follower.node_id)
+        # The follower's Raft state has heard of a newer term than the placing leader's
+        # (an election it took part in), which its Spearlet's fence has not learnt yet.
+        term = leader.cluster.replicator.soft_state.term
+        direct = follower.follower._direct
+        assert direct is not None
+        monkeypatch.setattr(direct, "_term", lambda: term + 1)
+        refused = await api.post("/api/v1/tasks/here/invoke", content=b"stale")
+        assert refused.status_code == 503, refused.text
+        assert "stale_term" in refused.text or "term" in refused.json()["message"]
+        assert refused.content != b"stale"  # it did not run
