@@ -38,6 +38,16 @@ async def pin(api: httpx.AsyncClient, name: str, node: NodeHandle, **spec: Any) 
     await register(api, name=name, placement={"node_id": node.node_id}, **spec)
 
 
+async def spin_and_quick(
+    admin: httpx.AsyncClient, api: httpx.AsyncClient, node: NodeHandle
+) -> None:
+    """Pin a spinning task and a quick one to `node`, and wait (one quick call through `api`)
+    until the leader can place there."""
+    await pin(admin, "spin", node, runtime="process", command=SPIN, timeout_ms=600_000)
+    await pin(admin, "quick", node, runtime="process", command=["/bin/cat"])
+    assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+
+
 async def running_record(api: httpx.AsyncClient, task: str) -> dict[str, Any]:
     """The record of the task's one execution, once the leader shows it placed."""
     with trio.fail_after(20):
@@ -188,9 +198,7 @@ async def test_a_hang_up_or_a_cancel_stops_the_run_on_its_node(
     (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
     runner = {"spearlet": spearlet, "leader": leader, "follower": follower}[where]
     async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
-        await pin(admin, "spin", runner, runtime="process", command=SPIN, timeout_ms=600_000)
-        await pin(admin, "quick", runner, runtime="process", command=["/bin/cat"])
-        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+        await spin_and_quick(admin, api, runner)
         answers: list[httpx.Response] = []
 
         async def call() -> None:
@@ -215,11 +223,7 @@ async def test_a_hang_up_or_a_cancel_stops_the_run_on_its_node(
             (answer,) = answers
             assert answer.status_code == 409, answer.text
             assert answer.headers["x-spear-status"] == "cancelled"
-        record = (
-            await admin.get(
-                f"/api/v1/executions/{running['execution_id']}", params={"wait_ms": 20000}
-            )
-        ).json()
+        record = await ended(admin, running["execution_id"])
         assert (record["status"], record["node_id"]) == ("cancelled", runner.node_id)
     assert await spinning_gone() == []
 
@@ -254,10 +258,8 @@ async def test_a_follower_lost_midway_ends_its_record_and_stops_the_run(
 ) -> None:
     (leader, follower, spearlet), scopes = await three_roles(tmp_path, nursery)
     async with cluster_client(leader.http_url) as admin:
-        await pin(admin, "spin", spearlet, runtime="process", command=SPIN, timeout_ms=600_000)
-        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
         async with cluster_client(follower.http_url) as api:
-            assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+            await spin_and_quick(admin, api, spearlet)
 
             async def call() -> None:
                 await api.post("/api/v1/tasks/spin/invoke", content=b"x")
@@ -267,11 +269,7 @@ async def test_a_follower_lost_midway_ends_its_record_and_stops_the_run(
                 running = await running_record(admin, "spin")
                 scopes[follower.node_id].cancel()  # the follower and its client's call go
                 calls.cancel_scope.cancel()
-        record = (
-            await admin.get(
-                f"/api/v1/executions/{running['execution_id']}", params={"wait_ms": 20000}
-            )
-        ).json()
+        record = await ended(admin, running["execution_id"])
         # A stopping follower tells the leader it gave up (cancelled); when it cannot, the
         # leader declares the follower lost once its lease has run out.
         assert record["status"] in ("failed", "cancelled"), record
@@ -311,10 +309,8 @@ async def test_a_follower_lost_while_the_leader_runs_its_invocation_stops_it(
 ) -> None:
     (leader, follower, _), scopes = await three_roles(tmp_path, nursery)
     async with cluster_client(leader.http_url) as admin:
-        await pin(admin, "spin", leader, runtime="process", command=SPIN, timeout_ms=600_000)
-        await pin(admin, "quick", leader, runtime="process", command=["/bin/cat"])
         async with cluster_client(follower.http_url) as api:
-            assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+            await spin_and_quick(admin, api, leader)
 
             async def call() -> None:
                 await api.post("/api/v1/tasks/spin/invoke", content=b"x")
@@ -338,9 +334,7 @@ async def test_a_hang_up_after_the_spearlet_heard_a_newer_term_stops_the_guest(
 ) -> None:
     (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
     async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
-        await pin(admin, "spin", spearlet, runtime="process", command=SPIN, timeout_ms=600_000)
-        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
-        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+        await spin_and_quick(admin, api, spearlet)
 
         async def call() -> None:
             async with httpx.AsyncClient(base_url=follower.http_url) as impatient:
@@ -446,9 +440,7 @@ async def test_a_long_run_does_not_keep_the_records_that_ended_after_it(
         leader = await wait_leader(nodes)
     follower, spearlet = (n for n in nodes if n is not leader)
     async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
-        await pin(admin, "spin", spearlet, runtime="process", command=SPIN, timeout_ms=600_000)
-        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
-        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+        await spin_and_quick(admin, api, spearlet)
 
         async def call() -> None:
             async with httpx.AsyncClient(base_url=follower.http_url) as impatient:
