@@ -367,13 +367,21 @@ class TaskService:
         """Drop the oldest ended records beyond the limits (running ones are skipped: a
         long run must not keep every later record)."""
         limit, budget = self._config.sync_record_limit, self._config.sync_record_bytes
-        if len(self._sync) <= limit and self._sync_bytes <= budget:
+        count, size = len(self._sync), self._sync_bytes
+        if count <= limit and size <= budget:
             return
-        for entry in list(self._sync.values()):
-            if len(self._sync) <= limit and self._sync_bytes <= budget:
-                return
-            if not entry.done.is_set():
-                continue
+        # Oldest first, and only as far as needed: once full, every new record evicts about
+        # one, so this looks at a few entries (the running ones at the front, at most), never
+        # at all of them.
+        victims: list[_SyncEntry] = []
+        for entry in self._sync.values():
+            if count <= limit and size <= budget:
+                break
+            if entry.done.is_set():
+                victims.append(entry)
+                count -= 1
+                size -= entry.size
+        for entry in victims:
             del self._sync[entry.record.execution_id]
             self._sync_bytes -= entry.size
             key = entry.record.idempotency_key

@@ -198,6 +198,28 @@ async def test_output_limit(start_node: Callable[..., Any]) -> None:
             assert len(out.content) == 100_000  # exactly the first max_output_bytes
 
 
+async def test_sync_records_beyond_their_limits_go_oldest_first(
+    start_node: Callable[..., Any],
+) -> None:
+    node = await start_node(sms__sync_record_limit=3, sms__sync_record_bytes=10_000)
+    async with httpx.AsyncClient(base_url=node.http_url) as api:
+        await register_wasm(api, "upper", "upper")
+
+        async def invoke(data: bytes) -> str:
+            resp = await api.post("/api/v1/tasks/upper/invoke", content=data)
+            assert resp.status_code == 200, resp.text
+            return str(resp.headers["x-spear-execution-id"])
+
+        async def kept(ids: list[str]) -> list[bool]:
+            return [(await api.get(f"/api/v1/executions/{i}")).status_code == 200 for i in ids]
+
+        ids = [await invoke(b"x%d" % i) for i in range(5)]
+        assert await kept(ids) == [False, False, True, True, True]  # the count limit
+        big = await invoke(b"y" * 9_999)  # its output and the others: over the byte budget
+        assert await kept([*ids[2:], big]) == [False, False, False, True]
+        assert node.service.statistics()["sync_records"] == 1
+
+
 async def test_request_timeout_may_only_shorten(api: httpx.AsyncClient) -> None:
     await register_wasm(api, "spin", "spin", timeout_ms=60_000)
     resp = await api.post("/api/v1/tasks/spin/invoke", params={"timeout_ms": 100})
