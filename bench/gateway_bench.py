@@ -67,6 +67,9 @@ class Connection:
         self._stream = stream
         self._buf = b""
 
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         head = f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-length: {len(body)}\r\n\r\n"
         await self._stream.send_all(head.encode() + body)
@@ -98,12 +101,13 @@ async def load(
     """`clients` keep-alive clients posting `body` for `seconds`; each answer must be 200
     with `expect`."""
     latencies: list[float] = []
+    conns = [Connection(await trio.open_tcp_stream("127.0.0.1", port)) for _ in range(clients)]
 
-    async def client() -> None:
-        conn = Connection(await trio.open_tcp_stream("127.0.0.1", port))
-        for _ in range(20):  # warm-up, not counted
+    async def warm(conn: Connection) -> None:  # not counted: connected and warm before the clock
+        for _ in range(20):
             await conn.post(path, body)
-        end = trio.current_time() + seconds
+
+    async def client(conn: Connection, end: float) -> None:
         while trio.current_time() < end:
             t0 = time.perf_counter()
             status, payload = await conn.post(path, body)
@@ -111,11 +115,16 @@ async def load(
             if status != 200 or payload != expect:
                 raise RuntimeError(f"bad answer {status}: {payload[:200]!r}")
 
+    async with trio.open_nursery() as nursery:
+        for conn in conns:
+            nursery.start_soon(warm, conn)
     t0 = time.perf_counter()
     async with trio.open_nursery() as nursery:
-        for _ in range(clients):
-            nursery.start_soon(client)
+        for conn in conns:
+            nursery.start_soon(client, conn, trio.current_time() + seconds)
     elapsed = time.perf_counter() - t0
+    for conn in conns:
+        await conn.aclose()
     return summarize(latencies, elapsed)
 
 
