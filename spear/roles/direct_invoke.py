@@ -184,6 +184,7 @@ class DirectInvoke:
             data=data if inline else b"",
             placement_id=secrets.token_hex(8),
         )
+        placed: SyncPlaced | None = None  # the last placement, to report on if none took
         for _ in range(MAX_PLACEMENTS):
             # Shielded unless it may run on the leader (which stops it when this request is
             # given up): once placed elsewhere, a run is reported, even one whose client hangs
@@ -197,8 +198,9 @@ class DirectInvoke:
                 raise _placement_error(reply)
             if not isinstance(reply, SyncPlaced):
                 raise UnavailableError(f"the leader answered {type(reply).__name__}; retry")
+            placed, placed_at = reply, trio.current_time()
             if reply.node_id == reply.dispatch.leader_id:
-                answer = await self._run_on_leader(request, reply, data)
+                answer = await self._run_on_leader(request, reply, data, placed_at)
                 if answer is not None:
                     return answer
                 place = _without(place, reply)
@@ -210,19 +212,23 @@ class DirectInvoke:
                 place = _without(place, reply)
                 continue
             except SpearError as exc:  # not sent: it did not run
-                await self._report(reply, None)
+                await self._report(reply, None, placed_at)
                 raise _not_sent(reply.node_id, exc) from exc
-            except BaseException:
+            except Exception as exc:  # a failure of this node's own: the run's fate unknown
+                with trio.CancelScope(shield=True):
+                    await self._report(reply, _lost(reply.dispatch, reply.node_id, exc), placed_at)
+                raise
+            except BaseException:  # the client hung up, or this node stops
                 with trio.CancelScope(shield=True):
                     await self._abandon(reply)
                 raise
             if isinstance(result, DispatchRefused):
-                await self._report(reply, None)
+                await self._report(reply, None, placed_at)
                 raise refusal_error(reply.node_id, result)
-            record = await self._report(reply, result)
+            record = await self._report(reply, result, placed_at)
             return sync_answer(request, record, result.output)
-        if place.execution_id:
-            await self._report_to(self._leader_id(), place.execution_id, None)
+        if placed is not None:  # to the leader that placed it (it holds the record)
+            await self._report_to(placed.dispatch.leader_id, place.execution_id, None)
         raise UnavailableError("no reachable node could take the invocation; retry later")
 
     async def _ask_leader(self, place: SyncPlace) -> object:
@@ -257,7 +263,7 @@ class DirectInvoke:
             log.info("withdrawal of a placement not sent to %s: %s", leader, exc)
 
     async def _run_on_leader(
-        self, request: InvokeRequest, placed: SyncPlaced, data: bytes
+        self, request: InvokeRequest, placed: SyncPlaced, data: bytes, placed_at: float
     ) -> Answer | None:
         """Have the leader run what it placed on itself (`SyncRun`: it keeps the output it
         makes); None if it cannot be reached at all (placed again without it)."""
@@ -274,11 +280,10 @@ class DirectInvoke:
             return None
         except _AMBIGUOUS as exc:  # the link broke, or no answer in time: it may have run
             result = _lost(dispatch, placed.node_id, exc)
-            return sync_answer(
-                request, _finished(_record(placed.record), result, placed.node_id), b""
-            )
+            record = _finished(_record(placed.record), result, placed.node_id, placed_at)
+            return sync_answer(request, record, b"")
         except SpearError as exc:  # not sent: it did not run
-            await self._report(placed, None)
+            await self._report(placed, None, placed_at)
             raise _not_sent(placed.node_id, exc) from exc
         if isinstance(reply, SyncRecorded):
             self._leader_answers += 1
@@ -338,15 +343,18 @@ class DirectInvoke:
         with trio.move_on_after(CANCEL_REPORT_S):
             await self._report_to(dispatch.leader_id, dispatch.execution_id, result)
 
-    async def _report(self, placed: SyncPlaced, result: ExecutionResult | None) -> ExecutionRecord:
+    async def _report(
+        self, placed: SyncPlaced, result: ExecutionResult | None, placed_at: float
+    ) -> ExecutionRecord:
         """Report the outcome to the leader that placed it; the record to answer with (built
         here from the placed one if that leader no longer answers, or if it ended the record
-        otherwise meanwhile: this node holds the real result, and answers with it)."""
+        otherwise meanwhile: this node holds the real result, and answers with it).
+        `placed_at`: trio's clock when the placement arrived here."""
         dispatch = placed.dispatch
         kept = await self._report_to(dispatch.leader_id, dispatch.execution_id, result)
         if kept is not None and (result is None or kept.status.value == result.status):
             return kept
-        return _finished(_record(placed.record), result, placed.node_id)
+        return _finished(_record(placed.record), result, placed.node_id, placed_at)
 
     async def _report_to(
         self, leader: str | None, execution_id: str, result: ExecutionResult | None
@@ -400,6 +408,8 @@ def _placement_error(reply: DispatchRefused) -> SpearError:
     if reply.code == SaturatedError.code:
         return SaturatedError(reply.message, retry_after_s=retry_after_s)
     kind = _ERRORS.get(reply.code)
+    if kind is not None and issubclass(kind, ValidationError):
+        return kind(reply.message, field=reply.field or None)
     if kind is not None:
         return kind(reply.message)
     return UnavailableError(reply.message, retry_after_s=retry_after_s)
@@ -410,11 +420,17 @@ def _record(doc: bytes) -> ExecutionRecord:
 
 
 def _finished(
-    record: ExecutionRecord, result: ExecutionResult | None, node_id: str
+    record: ExecutionRecord, result: ExecutionResult | None, node_id: str, placed_at: float
 ) -> ExecutionRecord:
-    """The record of an ended run as the leader would keep it (when it cannot be asked)."""
+    """The record of an ended run as the leader would keep it (when it cannot be asked).
+
+    The leader stamped `started_at` by its clock; the end is that plus the time this node
+    saw pass since the placement arrived, so a duration never mixes two machines' clocks.
+    """
+    elapsed_s = max(0.0, trio.current_time() - placed_at)
+    finished_at = time.time() if record.started_at is None else record.started_at + elapsed_s
     if result is None:
-        return replace(record, status=ExecStatus.FAILED, finished_at=time.time())
+        return replace(record, status=ExecStatus.FAILED, finished_at=finished_at)
     error = None
     if result.error_code is not None:
         error = {"code": result.error_code, "message": result.error_message or ""}
@@ -423,7 +439,7 @@ def _finished(
         status=ExecStatus(result.status),
         node_id=NodeId(node_id),
         error=error,
-        finished_at=time.time(),
+        finished_at=finished_at,
         timings_ms=dict(result.timings_ms),
         cold=result.cold,
         exit_code=result.exit_code,

@@ -402,4 +402,5 @@ def _refused(execution_id: str, exc: SpearError) -> DispatchRefused:
         code=exc.code,
         message=str(exc),
         retry_after_s=float(getattr(exc, "retry_after_s", 0.0)),
+        field=getattr(exc, "field", None) or "",
     )

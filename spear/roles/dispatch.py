@@ -77,6 +77,8 @@ class DispatchRefused:
     code: str  # a RefusalCode, or an error code of spear.errors (e.g. "saturated")
     message: str
     retry_after_s: float = 0.0
+    #: the request field a refusal for invalid input names ("" when none)
+    field: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

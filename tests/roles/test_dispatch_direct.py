@@ -5,6 +5,7 @@ leader keeps the record; node loss, hang-ups and cancels follow docs/dispatch.md
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,12 @@ import psutil
 import pytest
 import trio
 
+from spear.errors import SaturatedError, ValidationError
+from spear.mesh.codec import MessageCodec
 from spear.node import NodeHandle
+from spear.roles import direct_invoke, direct_sync
 from spear.roles.dispatch import DispatchProbe, SyncOutcome, SyncPlace, SyncPlaced
+from spear.roles.execution_plane import PLANE_MESSAGES
 from tests.roles.api_helpers import cluster_client, register, register_wasm
 from tests.roles.test_cluster import start_three, wait_leader
 from tests.roles.test_dispatch_cluster import FAST_LEASES
@@ -478,3 +483,61 @@ async def test_a_placement_on_the_follower_by_a_deposed_leader_is_refused_there(
         assert refused.status_code == 503, refused.text
         assert "stale_term" in refused.text or "term" in refused.json()["message"]
         assert refused.content != b"stale"  # it did not run
+
+
+async def test_a_failure_of_the_followers_own_is_no_hang_up(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (leader, follower, _), _ = await three_roles(tmp_path, nursery)
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(admin, "here", follower, runtime="process", command=["/bin/cat"])
+        assert (await api.post("/api/v1/tasks/here/invoke", content=b"ready")).is_success
+        direct = follower.follower._direct
+        assert direct is not None
+
+        async def broken(dispatch: object) -> object:
+            raise RuntimeError("a bug in this node")
+
+        monkeypatch.setattr(direct._functions, "handle", broken)
+        answer = await api.post("/api/v1/tasks/here/invoke", content=b"x")
+        assert answer.status_code == 500 and answer.json()["error"] == "internal", answer.text
+        listed = (await admin.get("/api/v1/executions", params={"task": "here"})).json()
+        record = listed["executions"][0]  # the newest
+        assert record["status"] == "failed", record
+        assert record["error"]["code"] == "node_lost", record  # its fate unknown, not a hang-up
+
+
+async def test_a_record_the_follower_ends_itself_times_by_one_clock(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
+        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+        direct = follower.follower._direct
+        assert direct is not None
+
+        async def unanswered(leader: str | None, execution_id: str, result: object) -> None:
+            return None  # the leader keeps no record of it: the follower builds its own
+
+        monkeypatch.setattr(direct, "_report_to", unanswered)
+        # the follower's wall clock an hour ahead of the leader's
+        skewed = time.time
+        monkeypatch.setattr(direct_invoke.time, "time", lambda: skewed() + 3600)
+        answer = await api.post("/api/v1/tasks/quick/invoke", content=b"x")
+        monkeypatch.undo()
+        assert (answer.status_code, answer.content) == (200, b"x"), answer.text
+        assert 0 <= float(answer.headers["x-spear-duration-ms"]) < 60_000
+
+
+def test_a_refusal_for_invalid_input_keeps_the_field_it_names() -> None:
+    codec = MessageCodec(PLANE_MESSAGES)
+    refused = direct_sync._refused("ex-1", ValidationError("too long", field="timeout_ms"))
+    carried = codec.decode(codec.encode(refused)).message
+    error = direct_invoke._placement_error(carried)
+    assert isinstance(error, ValidationError)
+    assert (str(error), error.field) == ("too long", "timeout_ms")
+    busy = direct_invoke._placement_error(
+        codec.decode(codec.encode(direct_sync._refused("ex-2", SaturatedError("full")))).message
+    )
+    assert isinstance(busy, SaturatedError) and busy.retry_after_s >= 1.0
