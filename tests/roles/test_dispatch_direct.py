@@ -18,6 +18,7 @@ from spear.errors import SaturatedError, ValidationError
 from spear.mesh.codec import MessageCodec
 from spear.node import NodeHandle
 from spear.roles import direct_invoke, direct_sync
+from spear.roles.direct_invoke import DirectInvoke
 from spear.roles.dispatch import DispatchProbe, SyncOutcome, SyncPlace, SyncPlaced
 from spear.roles.execution_plane import PLANE_MESSAGES
 from tests.roles.api_helpers import cluster_client, register, register_wasm
@@ -49,8 +50,21 @@ async def spin_and_quick(
     """Pin a spinning task and a quick one to `node`, and wait (one quick call through `api`)
     until the leader can place there."""
     await pin(admin, "spin", node, runtime="process", command=SPIN, timeout_ms=600_000)
-    await pin(admin, "quick", node, runtime="process", command=["/bin/cat"])
-    assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+    await cat_on(admin, api, "quick", node)
+
+
+async def cat_on(
+    admin: httpx.AsyncClient, api: httpx.AsyncClient, name: str, node: NodeHandle
+) -> None:
+    """Pin a `/bin/cat` task to `node`, and wait (one call through `api`) until it answers."""
+    await pin(admin, name, node, runtime="process", command=["/bin/cat"])
+    assert (await api.post(f"/api/v1/tasks/{name}/invoke", content=b"ready")).is_success
+
+
+def direct_of(follower: NodeHandle) -> DirectInvoke:
+    direct = follower.follower._direct
+    assert direct is not None
+    return direct
 
 
 async def running_record(api: httpx.AsyncClient, task: str) -> dict[str, Any]:
@@ -131,8 +145,7 @@ async def test_a_spearlet_lost_midway_is_a_502_node_lost_recorded_on_the_leader(
         await pin(
             admin, "slow", spearlet, runtime="process", command=["/bin/sh", "-c", "sleep 30; cat"]
         )
-        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
-        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
+        await cat_on(admin, api, "quick", spearlet)
         answers: list[httpx.Response] = []
 
         async def call() -> None:
@@ -365,10 +378,8 @@ async def test_a_report_after_the_leader_gave_up_on_it_is_answered_with_its_outp
 ) -> None:
     (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
     async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
-        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
-        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
-        direct = follower.follower._direct
-        assert direct is not None
+        await cat_on(admin, api, "quick", spearlet)
+        direct = direct_of(follower)
         request = direct._request
 
         async def late(node_id: str, message: object, timeout_s: float) -> object:
@@ -401,10 +412,8 @@ async def test_a_hang_up_while_an_inline_placement_is_answered_frees_the_slot(
         leader = await wait_leader(nodes)
     follower, spearlet = (n for n in nodes if n is not leader)
     async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
-        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
-        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
-        direct = follower.follower._direct
-        assert direct is not None
+        await cat_on(admin, api, "quick", spearlet)
+        direct = direct_of(follower)
         request = direct._request
         placements: list[SyncPlaced] = []
         crossed = trio.Event()
@@ -476,8 +485,7 @@ async def test_a_placement_on_the_follower_by_a_deposed_leader_is_refused_there(
         # The follower's Raft state has heard of a newer term than the placing leader's
         # (an election it took part in), which its Spearlet's fence has not learnt yet.
         term = leader.cluster.replicator.soft_state.term
-        direct = follower.follower._direct
-        assert direct is not None
+        direct = direct_of(follower)
         monkeypatch.setattr(direct, "_term", lambda: term + 1)
         refused = await api.post("/api/v1/tasks/here/invoke", content=b"stale")
         assert refused.status_code == 503, refused.text
@@ -490,10 +498,8 @@ async def test_a_failure_of_the_followers_own_is_no_hang_up(
 ) -> None:
     (leader, follower, _), _ = await three_roles(tmp_path, nursery)
     async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
-        await pin(admin, "here", follower, runtime="process", command=["/bin/cat"])
-        assert (await api.post("/api/v1/tasks/here/invoke", content=b"ready")).is_success
-        direct = follower.follower._direct
-        assert direct is not None
+        await cat_on(admin, api, "here", follower)
+        direct = direct_of(follower)
 
         async def broken(dispatch: object) -> object:
             raise RuntimeError("a bug in this node")
@@ -512,18 +518,23 @@ async def test_a_record_the_follower_ends_itself_times_by_one_clock(
 ) -> None:
     (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
     async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
-        await pin(admin, "quick", spearlet, runtime="process", command=["/bin/cat"])
-        assert (await api.post("/api/v1/tasks/quick/invoke", content=b"ready")).is_success
-        direct = follower.follower._direct
-        assert direct is not None
+        await cat_on(admin, api, "quick", spearlet)
+        direct = direct_of(follower)
 
         async def unanswered(leader: str | None, execution_id: str, result: object) -> None:
             return None  # the leader keeps no record of it: the follower builds its own
 
         monkeypatch.setattr(direct, "_report_to", unanswered)
-        # the follower's wall clock an hour ahead of the leader's
-        skewed = time.time
-        monkeypatch.setattr(direct_invoke.time, "time", lambda: skewed() + 3600)
+        # The wall clock steps an hour ahead once the leader has stamped the start, as the
+        # clock of a follower an hour ahead of the leader's would look.
+        real = time.time
+        placed = direct._run
+
+        async def then_skewed(*args: Any) -> object:
+            monkeypatch.setattr(time, "time", lambda: real() + 3600)
+            return await placed(*args)
+
+        monkeypatch.setattr(direct, "_run", then_skewed)
         answer = await api.post("/api/v1/tasks/quick/invoke", content=b"x")
         monkeypatch.undo()
         assert (answer.status_code, answer.content) == (200, b"x"), answer.text
