@@ -33,6 +33,12 @@ from spear.mesh.handshake import (
 
 log = logging.getLogger(__name__)
 
+#: bytes asked of the socket per read. trio-websocket's default, 4 KiB, costs a pass through
+#: wsproto per 4 KiB: a 256 KiB input took 3.1 ms to go there and back on loopback, 1.5 ms
+#: with 64 KiB. Larger reads gain a little more for large messages, but each read allocates
+#: its whole size first, and past 128 KiB that is an mmap and munmap for every small one.
+RECEIVE_BYTES = 64 * 1024
+
 
 class PeerUnreachableError(UnavailableError):
     """No link to the peer could be made (refused, timed out, failed the handshake)."""
@@ -244,6 +250,7 @@ async def dial(address: str, params: LinkParams) -> AsyncIterator[Connection]:
                 host,
                 params.settings.path,
                 max_message_size=params.max_message_bytes,
+                receive_buffer_size=RECEIVE_BYTES,
             )
             nonce = secrets.token_bytes(NONCE_BYTES)
             hs = InitiatorHandshake(
@@ -283,7 +290,10 @@ async def accept(stream: trio.SocketStream, params: LinkParams) -> AsyncIterator
     async def respond(nursery: trio.Nursery) -> Connection:
         try:
             request = await trio_websocket.wrap_server_stream(
-                nursery, stream, max_message_size=params.max_message_bytes
+                nursery,
+                stream,
+                max_message_size=params.max_message_bytes,
+                receive_buffer_size=RECEIVE_BYTES,
             )
             if request.path != params.settings.path:
                 await request.reject(404, body=b"not a spear mesh endpoint")
