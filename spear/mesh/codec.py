@@ -54,6 +54,20 @@ class Decoded:
     sender: str
 
 
+class UnknownMessageError(WireError):
+    """A well-formed envelope of a message type this codec does not know (a newer node's).
+
+    Carries the envelope's tag, id and sender, so that a receiver can answer such a request
+    ("unsupported") rather than give up the link: rolling upgrades meet it.
+    """
+
+    def __init__(self, tag: str, *, id: int = 0, sender: str = "") -> None:
+        super().__init__(f"unknown message type {tag!r}")
+        self.tag = tag
+        self.id = id
+        self.sender = sender
+
+
 class MessageCodec:
     """Encodes registered dataclass messages into spear.wire envelopes and back.
 
@@ -150,13 +164,15 @@ class MessageCodec:
     def decode(self, data: bytes, *, max_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES) -> Decoded:
         """Decode one envelope into its message; raise WireError for anything malformed."""
         env = wire.decode_envelope(data, max_bytes=max_bytes)
+        if env.type not in self._by_tag:
+            raise UnknownMessageError(env.type, id=env.id, sender=env.sender)
         return Decoded(message=self.from_body(env.type, env.body), id=env.id, sender=env.sender)
 
     def from_body(self, tag: str, body: Any) -> Any:
         """Build the message registered under `tag` from an envelope body; WireError if bad."""
         cls = self._by_tag.get(tag)
         if cls is None:
-            raise WireError(f"unknown message type {tag!r}")
+            raise UnknownMessageError(tag)
         return self._decoders[cls](body, tag)
 
     def _compile(self, hint: Any) -> _Decoder:

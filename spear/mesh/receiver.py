@@ -5,9 +5,12 @@ application's codec (or the transport's own, for END, ERROR and CANCEL), checks 
 is the authenticated peer, and dispatches it: SEND, REQUEST and STREAM go to the application's
 inbound channel (with a Responder for requests), answers go to the waiting requests
 (spear.mesh.calls), CANCEL marks a request the peer stopped waiting for. A frame that fails any
-check closes this connection only, with a logged reason. The reader never blocks on the
-application: when the inbound channel is full a message is dropped (counted) and a request is
-answered "busy" at once, because the same connection also carries replies.
+check closes this connection only, with a logged reason. A well-formed message of a type this
+node does not know (a newer node's, during a rolling upgrade) is no such failure: a request is
+answered "unsupported", a one-way message dropped, an answer fails its request; all counted.
+The reader never blocks on the application: when the inbound channel is full a message is
+dropped (counted) and a request is answered "busy" at once, because the same connection also
+carries replies.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import trio_websocket
 
 from spear.errors import WireError
 from spear.mesh.calls import Calls
-from spear.mesh.codec import MessageCodec
-from spear.mesh.frames import CONTROL_CODEC, CONTROL_KINDS, INBOUND_KINDS, FrameKind
+from spear.mesh.codec import MessageCodec, UnknownMessageError
+from spear.mesh.frames import CONTROL_CODEC, CONTROL_KINDS, INBOUND_KINDS, Failure, FrameKind
 from spear.mesh.inbound import Inbound, Responder
 from spear.mesh.links import Connection
 
 log = logging.getLogger(__name__)
+
+#: the error code answering a request of a message type this node does not know
+UNSUPPORTED = "unsupported"
 
 _MESSAGE_TOO_BIG = 1009  # WebSocket close codes
 _POLICY_VIOLATION = 1008
@@ -48,7 +54,8 @@ class Receiver:
         self._calls = calls
         self._inbound = inbound
         self._node_id = node_id
-        self.received = self.inbound_full = self.rejected = 0
+        self.received = self.inbound_full = self.rejected = self.unknown = 0
+        self._unknown_tags: set[str] = set()  # logged once each
 
     async def serve(self, conn: Connection, *, outbound: str | None) -> None:
         """Run the writer and the reader until either ends.
@@ -87,7 +94,14 @@ class Receiver:
         except ValueError:
             raise WireError(f"unknown frame kind {kind_byte}") from None
         codec = CONTROL_CODEC if kind in CONTROL_KINDS else self._codec
-        decoded = codec.decode(payload, max_bytes=self._max_frame_bytes)
+        try:
+            decoded = codec.decode(payload, max_bytes=self._max_frame_bytes)
+        except UnknownMessageError as exc:
+            if exc.sender != conn.peer_id:
+                claimed = exc.sender
+                raise WireError(f"frame from {conn.peer_id!r} claims sender {claimed!r}") from None
+            self._on_unknown(conn, kind, exc, outbound)
+            return
         if decoded.sender != conn.peer_id:
             raise WireError(f"frame from {conn.peer_id!r} claims sender {decoded.sender!r}")
         if kind in INBOUND_KINDS:
@@ -97,6 +111,29 @@ class Receiver:
                 conn.cancelled.add(decoded.id)
         else:
             self._calls.answer(kind, decoded.id, decoded.message, outbound)
+
+    def _on_unknown(
+        self, conn: Connection, kind: FrameKind, exc: UnknownMessageError, outbound: str | None
+    ) -> None:
+        self.unknown += 1
+        if exc.tag not in self._unknown_tags:
+            self._unknown_tags.add(exc.tag)
+            log.warning(
+                "node %s sent a message of a type this node does not know, %r (a newer"
+                " version?); ignored, and answered 'unsupported' when it is a request",
+                conn.peer_id,
+                exc.tag,
+            )
+        if kind in INBOUND_KINDS and kind is not FrameKind.SEND:
+            if exc.id == 0:
+                raise WireError("a request frame must carry a non-zero id")
+            reply = Responder(conn, exc.id, stream=kind is FrameKind.STREAM)
+            reply.fail_nowait(
+                UNSUPPORTED, f"node {self._node_id} does not know the message type {exc.tag!r}"
+            )
+        elif kind in (FrameKind.REPLY, FrameKind.ITEM):  # an answer: its request fails
+            failure = Failure(code=UNSUPPORTED, message=f"an answer of unknown type {exc.tag!r}")
+            self._calls.answer(FrameKind.ERROR, exc.id, failure, outbound)
 
     def _deliver(self, conn: Connection, kind: FrameKind, request_id: int, message: Any) -> None:
         reply = None

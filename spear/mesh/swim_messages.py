@@ -38,6 +38,9 @@ class MemberMeta:
         bootstrap_expect: its raft.bootstrap_expect (bootstrap waits for agreement on it).
         cpu_count: logical CPUs the node offers.
         memory_bytes: memory the node offers.
+        features: protocol features beyond the base that this node's version speaks (e.g.
+            "sync-direct"); a node uses one with a peer only if the peer lists it, so nodes
+            of different versions work together during a rolling upgrade.
     """
 
     node_id: str
@@ -51,6 +54,7 @@ class MemberMeta:
     bootstrap_expect: int = 0
     cpu_count: int = 0
     memory_bytes: int = 0
+    features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -87,6 +87,8 @@ class TransportStatistics:
     dropped_unreachable: int
     dropped_inbound_full: int
     frames_rejected: int
+    #: well-formed messages of types this node does not know (a newer node's), not delivered
+    messages_unknown: int
     handshakes_refused: int
     dials: int
     dial_failures: int
@@ -218,6 +220,7 @@ class Transport:
             dropped_unreachable=sum(link.dropped_unreachable for link in every),
             dropped_inbound_full=self._receiver.inbound_full,
             frames_rejected=self._receiver.rejected,
+            messages_unknown=self._receiver.unknown,
             handshakes_refused=self._refused,
             dials=sum(link.dials for link in every),
             dial_failures=sum(link.dial_failures for link in every),

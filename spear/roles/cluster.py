@@ -56,6 +56,7 @@ from spear.mesh import (
 )
 from spear.roles.artifact_sync import ARTIFACT_MESSAGES, ArtifactSync
 from spear.roles.artifacts import ArtifactStore
+from spear.roles.dispatch import SYNC_DIRECT
 from spear.roles.gossip import GossipDriver
 from spear.roles.raft_storage import RaftStorage
 from spear.roles.replication import Replicator
@@ -380,6 +381,7 @@ async def serve_cluster(
             labels=tuple(sorted(config.node.labels.items())),
             has_raft_state=has_state,
             bootstrap_expect=config.raft.bootstrap_expect,
+            features=(SYNC_DIRECT,),
         )
         swim = Membership(
             meta=meta,

@@ -104,6 +104,7 @@ class DirectInvoke:
         request: Request,
         send: SendOneWay,
         leader_id: Callable[[], str | None],
+        speaks_direct: Callable[[str], bool],
         term: Callable[[], int],
         max_body_bytes: int,
         place_timeout_s: float,
@@ -114,6 +115,9 @@ class DirectInvoke:
             functions: this node's FunctionService (runs what is placed on this node).
             request, send: a request and a one-way message to a node by id (the mesh).
             leader_id: the leader this node knows for the current term, if any.
+            speaks_direct: whether a node takes the direct path's messages (it lists
+                SYNC_DIRECT in its gossiped features; a node of an older version does not,
+                and requests to it are relayed instead).
             term: this node's Raft term (a placement on this node from an older term is a
                 deposed leader's and is refused).
             max_body_bytes: the largest input taken (gateway.max_invoke_body_bytes).
@@ -126,6 +130,7 @@ class DirectInvoke:
         self._request = request
         self._send = send
         self._leader_id = leader_id
+        self._speaks_direct = speaks_direct
         self._max_body_bytes = max_body_bytes
         self._place_timeout_s = place_timeout_s
         self._retry_after_s = retry_after_s
@@ -135,8 +140,13 @@ class DirectInvoke:
         self._leader_answers = 0
 
     def takes(self, scope: Scope) -> str | None:
-        """The task of a sync invocation request (the ones served here), else None."""
+        """The task of a sync invocation request (the ones served here), else None (those
+        are relayed to the leader: all others, and all while the leader runs a version
+        without the direct path)."""
         if scope["type"] != "http" or scope["method"] != "POST":
+            return None
+        leader = self._leader_id()
+        if leader is not None and not self._speaks_direct(leader):
             return None
         match = INVOKE_PATH.match(scope["path"])
         if match is None:

@@ -206,6 +206,11 @@ class SyncRecorded:
 
 
 #: append-only wire tags
+#: the feature (MemberMeta.features) of nodes that take the direct path's messages
+#: (SyncPlace, SyncRun, SyncOutcome, SyncWithdraw); a follower sends them only to a leader
+#: that lists it, and relays over HTTP to any other
+SYNC_DIRECT = "sync-direct"
+
 DISPATCH_MESSAGES: dict[str, type] = {
     "dispatch.run": Dispatch,
     "dispatch.accepted": DispatchAccepted,

@@ -33,6 +33,7 @@ from spear.roles.direct_invoke import DirectInvoke
 from spear.roles.direct_sync import SyncDesk
 from spear.roles.dispatch import (
     DISPATCH_MESSAGES,
+    SYNC_DIRECT,
     Dispatch,
     DispatchCancel,
     DispatchProbe,
@@ -136,11 +137,17 @@ def build_execution_plane(
     feed = PlacementFeed(
         dispatcher=dispatcher, nodes=nodes, state=state, members=mesh.gossip.members
     )
+
+    def speaks_direct(node_id: str) -> bool:
+        member = mesh.gossip.member(node_id)
+        return member is not None and SYNC_DIRECT in member.meta.features
+
     direct = DirectInvoke(
         functions=functions,
         request=mesh.request,
         send=mesh.send,
         leader_id=lambda: replicator.soft_state.leader_id,
+        speaks_direct=speaks_direct,
         term=lambda: replicator.soft_state.term,
         max_body_bytes=config.gateway.max_invoke_body_bytes,
         place_timeout_s=config.runtimes.max_timeout_ms / 1000 + REPLY_GRACE_S,

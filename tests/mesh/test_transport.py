@@ -63,13 +63,14 @@ def start(nursery: trio.Nursery) -> Start:
         max_frame_bytes: int = 1024 * 1024,
         settings: TransportSettings = SETTINGS,
         advertise: str | None = None,
+        codec: MessageCodec = CODEC,
     ) -> Transport:
         serve = functools.partial(
             serve_transport,
             node_id=node_id,
             listen="127.0.0.1:0",
             cluster_key=cluster_key,
-            codec=CODEC,
+            codec=codec,
             max_frame_bytes=max_frame_bytes,
             settings=settings,
             advertise=advertise,
@@ -283,6 +284,49 @@ async def test_a_bad_frame_closes_only_that_link_and_is_not_delivered(
         server.inbound.receive_nowait()
     nursery.start_soon(answer, server)
     assert await other.request(server.address, Ping(n=1), timeout_s=5) == Ping(n=2)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Novel:
+    """A message type only the newer node knows."""
+
+    x: int
+
+
+NEWER = CODEC.extended({"test.novel": Novel})
+
+
+async def test_a_message_of_an_unknown_type_is_refused_but_the_link_is_kept(
+    start: Start, nursery: trio.Nursery
+) -> None:
+    older, newer = await start("older"), await start("newer", codec=NEWER)
+    nursery.start_soon(answer, older)
+    assert await newer.request(older.address, Ping(n=1), timeout_s=5) == Ping(n=2)
+    with pytest.raises(RemoteError, match=r"does not know the message type 'test\.novel'") as info:
+        await newer.request(older.address, Novel(x=1), timeout_s=5)
+    assert info.value.code == "unsupported"
+    with pytest.raises(RemoteError, match="does not know"):
+        async with newer.open_stream(older.address, Novel(x=2), timeout_s=5) as items:
+            async for _ in items:
+                pass
+    assert newer.send(older.address, Novel(x=3))  # dropped there
+    assert await newer.request(older.address, Ping(n=5), timeout_s=5) == Ping(n=6)
+    seen = older.statistics()
+    assert (seen.messages_unknown, seen.frames_rejected) == (3, 0)
+    assert newer.statistics().dials == 1  # the same link all along
+
+    # an answer of a type the asker does not know fails that request only
+    async def answer_novel() -> None:
+        async for inbound in newer.inbound:
+            assert inbound.reply is not None
+            await inbound.reply.send(Novel(x=0))
+
+    nursery.start_soon(answer_novel)
+    with pytest.raises(RemoteError, match=r"an answer of unknown type 'test\.novel'"):
+        await older.request(newer.address, Ping(n=1), timeout_s=5)
+    assert older.statistics().messages_unknown == 4
+    assert await newer.request(older.address, Ping(n=7), timeout_s=5) == Ping(n=8)
+    assert older.statistics().frames_rejected == newer.statistics().frames_rejected == 0
 
 
 async def test_a_raw_client_without_the_key_is_refused_with_a_reason(start: Start) -> None:

@@ -6,6 +6,7 @@ leader keeps the record; node loss, hang-ups and cancels follow docs/dispatch.md
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ import trio
 
 from spear.errors import SaturatedError, ValidationError
 from spear.mesh.codec import MessageCodec
+from spear.mesh.members import Member
 from spear.node import NodeHandle
 from spear.roles import direct_invoke, direct_sync
 from spear.roles.direct_invoke import DirectInvoke
-from spear.roles.dispatch import DispatchProbe, SyncOutcome, SyncPlace, SyncPlaced
+from spear.roles.dispatch import SYNC_DIRECT, DispatchProbe, SyncOutcome, SyncPlace, SyncPlaced
 from spear.roles.execution_plane import PLANE_MESSAGES
 from tests.roles.api_helpers import cluster_client, register, register_wasm
 from tests.roles.test_cluster import start_three, wait_leader
@@ -552,3 +554,31 @@ def test_a_refusal_for_invalid_input_keeps_the_field_it_names() -> None:
         codec.decode(codec.encode(direct_sync._refused("ex-2", SaturatedError("full")))).message
     )
     assert isinstance(busy, SaturatedError) and busy.retry_after_s >= 1.0
+
+
+async def test_a_leader_without_the_direct_path_gets_its_invocations_relayed(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (leader, follower, spearlet), _ = await three_roles(tmp_path, nursery)
+    # every node of this version says it speaks the direct path
+    for node in (leader, follower, spearlet):
+        seen = follower.cluster.gossip.member(node.node_id)
+        assert seen is not None and SYNC_DIRECT in seen.meta.features
+    async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
+        await cat_on(admin, api, "quick", spearlet)
+        before = follower.follower.statistics()
+        gossip = follower.cluster.gossip
+        real = gossip.member
+
+        def as_older(node_id: str) -> Member | None:  # a leader of an older version
+            member = real(node_id)
+            if member is None or node_id != leader.node_id:
+                return member
+            return replace(member, meta=replace(member.meta, features=()))
+
+        monkeypatch.setattr(gossip, "member", as_older)
+        answer = await api.post("/api/v1/tasks/quick/invoke", content=b"old")
+        assert (answer.status_code, answer.content) == (200, b"old"), answer.text
+        after = follower.follower.statistics()
+        assert isinstance(before["relayed"], int)
+        assert (after["relayed"], after["direct"]) == (before["relayed"] + 1, before["direct"])
