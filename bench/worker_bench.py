@@ -1,13 +1,20 @@
 """Process workers and per-call runs against their floors, measured in the same run.
 
-    python bench/worker_bench.py [--calls N] [--rounds R] [--cold N] [--c-worker FILE]
+    python bench/worker_bench.py [--calls N] [--rounds R] [--cold N] [--c-worker FILE] [--cpu N]
 
-Worker floor: a bare pipe round trip to the same kind of process: a Python process echoing
-length-prefixed frames with os.read/os.write, driven by trio over its pipes. spear: the same
-input through `ProcessInstance.invoke` to `python -m spear.worker` serving an echo handler
-(CBOR framing both ways, the host session, deadlines, log capture, the outcome). With
---c-worker (tests/programs/worker.c built for the host), the C worker too, against the same
-floor.
+Worker floor ("bare host"): a bare pipe round trip to the same process: the very worker
+process a spear instance serves (`python -m spear.worker` with an echo handler, or the C
+worker), its pipes borrowed between spear's calls (its hello was read by `start_instance`):
+one request frame of the worker protocol, encoded once in advance, written with trio's pipe
+stream and the answer frame read back by its length prefix, nothing decoded or checked (its
+stderr drained unread, as spear's host reads it). It holds the pipes and the worker's own
+work (the SDK's decoding, context, handler call and encoding), none of spear's host side, and
+it shares spear's CPU placement. Strict floor beside it: a Python process echoing
+length-prefixed frames with os.read/os.write (no worker protocol at all), driven the same
+way. spear: the same input through `ProcessInstance.invoke` (the host session, the request's
+deadline, log capture, the outcome), alternating with its floor. With --c-worker
+(tests/programs/worker.c built for the host), the C worker too, against its own bare host
+and the strict floor.
 
 Worker cold start (--cold times each, alternating): `start_instance` (spawn, the hello) +
 the first invoke + `aclose`, against the floor's process spawned, one round trip, killed and
@@ -25,12 +32,20 @@ Floor and spear alternate in rounds (the machine is shared: drift hits both alik
 and 99th percentiles in ms over all rounds; ratios are medians against the floor's. "host
 cpu" is this process's CPU time per call (what spear's side costs, whatever the scheduler
 does to the wall time on a busy machine).
+
+--cpu N pins this process, and so every process it starts, to CPU N. On a small VM a worker
+round trip is bimodal: when host and worker run on one CPU it costs two context switches;
+when the scheduler puts them on two, each direction is a wake-up of another (often idle)
+CPU, 30-40 us apiece on the development VM, and which of the two a process gets changes
+from process to process and run to run (the bare host shares its instance's placement, the
+strict floor's process has its own). Pinned, every line pays the same.
 Issue targets: worker <= 2x its floor, per-call <= 1.3x its floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -48,6 +63,7 @@ from spear.model import FunctionSpec
 from spear.runtimes import ProcessRuntime
 from spear.runtimes.cgroups import Cgroups, CgroupSettings
 from spear.runtimes.process_worker import ProcessInstance
+from spear.worker_protocol import Request, encode
 
 INPUT = b"hello, spear! " * 8
 WARMUP = 50
@@ -77,7 +93,8 @@ Timed = Callable[[], Awaitable[object]]
 
 
 class BarePipe:
-    """The worker floor: one frame out, the same frame back, over a process's raw pipes."""
+    """The strict worker floor: one frame out, the same frame back, over a process's raw
+    pipes (the BARE_ECHO loop)."""
 
     def __init__(self, proc: trio.Process) -> None:
         self.proc = proc
@@ -91,6 +108,39 @@ class BarePipe:
         while len(got) < len(self.frame):
             got += await self.stdout.receive_some(65536)
         return got
+
+
+class BareHost:
+    """The worker floor: a bare host of the very process a spear instance serves.
+
+    It borrows the instance's pipes between spear's calls (nothing of spear's is in flight
+    then; the hello was read by `start_instance`): one request frame encoded once in advance
+    is written with trio's pipe stream and the answer read back by its length prefix,
+    nothing decoded or checked; the worker's stderr is drained, unread, as spear's host
+    reads it after each answer. The same process, so the same CPU placement as spear's
+    calls; the pipes and the worker's own work, none of spear's host side.
+    """
+
+    def __init__(self, instance: ProcessInstance) -> None:
+        pipes = instance._pipes  # borrowed: a bench may reach inside
+        self.stdin = trio.lowlevel.FdStream(os.dup(pipes._stdin))
+        self.stdout = trio.lowlevel.FdStream(os.dup(pipes._stdout))
+        self.stderr_fd = pipes._stderr
+        request = Request(id=1, execution_id="ex-bench", deadline_ms=30_000, data=INPUT)
+        self.frame = encode(request)
+
+    async def round_trip(self) -> bytes:
+        await self.stdin.send_all(self.frame)
+        got = b""
+        while len(got) < 4 or len(got) < 4 + int.from_bytes(got[:4], "big"):
+            got += await self.stdout.receive_some(65536)
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.stderr_fd, 65536)
+        return got  # one request in flight: nothing follows its answer
+
+    async def aclose(self) -> None:
+        await self.stdin.aclose()
+        await self.stdout.aclose()
 
 
 #: per name: wall-clock seconds of each call, and this process's CPU seconds per call
@@ -139,38 +189,54 @@ async def bench_workers(calls: int, rounds: int, work: Path, c_worker: Path | No
     instance = await runtime.start_instance(
         bench_spec("process", mode="worker", command=command, env=env)
     )
+    assert isinstance(instance, ProcessInstance)
+    host = BareHost(instance)
     bare_proc = await trio.lowlevel.open_process(
         [sys.executable, "-c", BARE_ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     bare = BarePipe(bare_proc)
     pairs: list[tuple[str, Timed]] = [
-        ("floor", bare.round_trip),
+        ("floor", host.round_trip),
+        ("strict", bare.round_trip),
         ("python", lambda: instance.invoke(INPUT, deadline=math.inf, execution_id="ex-bench")),
     ]
-    instances = [instance]
+    instances, hosts = [instance], [host]
     if c_worker is not None:
         c_instance = await runtime.start_instance(
             bench_spec("process", mode="worker", command=(str(c_worker),))
         )
+        assert isinstance(c_instance, ProcessInstance)
         instances.append(c_instance)
+        c_host = BareHost(c_instance)
+        hosts.append(c_host)
+        pairs.append(("c floor", c_host.round_trip))
         pairs.append(
             ("c", lambda: c_instance.invoke(INPUT, deadline=math.inf, execution_id="ex-bench"))
         )
     try:
         outcome = await instance.invoke(INPUT, deadline=math.inf, execution_id="ex-check")
         assert outcome.output == INPUT and await bare.round_trip() == bare.frame
+        for each_host, echoed in zip(hosts, [INPUT, INPUT.upper()], strict=False):
+            assert echoed in await each_host.round_trip()  # the C worker upper-cases
         times = await alternate(pairs, calls, rounds)
     finally:
+        for each_host in hosts:
+            await each_host.aclose()
         for each in instances:
-            assert isinstance(each, ProcessInstance)
             await each.aclose()
         bare_proc.kill()
         await bare_proc.wait()
+    floor, strict = times["floor"], times["strict"]
     print(f"process worker round trip, {len(INPUT)} bytes in and out:")
-    report("floor: bare pipe round trip (python echo loop)", times["floor"], None)
-    report("spear ProcessInstance.invoke, python -m spear.worker", times["python"], times["floor"])
+    report("floor: bare host of that python -m spear.worker", floor, None)
+    report("strict floor: bare pipe round trip (python echo loop)", strict, floor)
+    report("spear ProcessInstance.invoke, python -m spear.worker", times["python"], floor)
+    report("  the same against the strict floor (python)", times["python"], strict)
     if "c" in times:
-        report("spear ProcessInstance.invoke, tests/programs/worker.c", times["c"], times["floor"])
+        report("floor: bare host of that tests/programs/worker.c", times["c floor"], None)
+        c_label = "spear ProcessInstance.invoke, tests/programs/worker.c"
+        report(c_label, times["c"], times["c floor"])
+        report("  the same against the strict floor (C)", times["c"], strict)
 
 
 async def bench_cold(runs: int, work: Path, c_worker: Path | None) -> None:
@@ -301,7 +367,10 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--cold", type=int, default=20, help="worker cold starts of each kind")
     parser.add_argument("--c-worker", type=Path, default=None)
+    parser.add_argument("--cpu", type=int, default=None, help="pin everything to this CPU")
     args = parser.parse_args()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         await bench_workers(args.calls, args.rounds, work, args.c_worker)

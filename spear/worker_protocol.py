@@ -29,22 +29,30 @@ to an id that is not in flight. A worker must ignore frame types it does not kno
 
 API: `encode(message)` makes a frame; `MessageDecoder(sender)` turns received bytes into
 messages; `HostSession` keeps the host's side (ids, requests in flight with their deadlines,
-cancellations) and turns received bytes into `Ready`, `Completed` and `Discarded` events.
+cancellations) and turns received bytes into `Ready`, `Completed` and `Discarded` events
+(`receive_answer` takes the usual read, one `ok` answer, without making any).
 Nothing here does I/O or reads a clock: callers pass `now` (any monotonic clock in seconds).
-This module imports only the standard library and spear.wire (its CBOR codec), so the worker
-SDK starts fast.
+This module imports only the standard library, cbor2 and spear.errors (no dataclasses, no
+typing at run time), so the worker SDK starts fast.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final, Literal
+
+import cbor2
 
 from spear.errors import FrameTooLargeError, WireError
-from spear.wire import dumps, loads
+
+TYPE_CHECKING = False  # typing is not imported at run time: workers start faster without it
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, Final, Literal
+
+    Sender = Literal["host", "worker"]
+else:
+    Sender = str
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
@@ -53,8 +61,9 @@ DEFAULT_MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
 #: largest request id (ids are CBOR unsigned integers that fit 64 bits)
 MAX_ID: Final = 2**64 - 1
 
-Sender = Literal["host", "worker"]
 _LENGTH: Final = struct.Struct(">I")
+_pack_length: Final = _LENGTH.pack
+_unpack_length: Final = _LENGTH.unpack_from
 
 
 class WorkerProtocolError(WireError):
@@ -65,46 +74,140 @@ class WorkerProtocolError(WireError):
 
 # --- messages -----------------------------------------------------------------------------
 
+_set = object.__setattr__
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Hello:
+
+class _Record:
+    """Immutable, slotted, compared and shown field by field: what a frozen dataclass gives,
+    without importing dataclasses (a worker's start would pay about 10 ms for it)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, _Record)
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._fields()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: {type(self).__name__} is frozen")
+
+
+class Hello(_Record):
     """Worker -> host, once, first: the worker is ready to serve."""
 
-    max_concurrency: int = 1
-    protocol: int = PROTOCOL_VERSION
+    __slots__ = ("max_concurrency", "protocol")
+    max_concurrency: int
+    protocol: int
+
+    def __init__(self, *, max_concurrency: int = 1, protocol: int = PROTOCOL_VERSION) -> None:
+        _set(self, "max_concurrency", max_concurrency)
+        _set(self, "protocol", protocol)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Request:
+class Request(_Record):
     """Host -> worker: one invocation."""
 
+    __slots__ = ("content_type", "data", "deadline_ms", "execution_id", "id")
     id: int
     execution_id: str
     deadline_ms: int
     data: bytes
-    content_type: str = DEFAULT_CONTENT_TYPE
+    content_type: str
+
+    def __init__(
+        self,
+        *,
+        id: int,
+        execution_id: str,
+        deadline_ms: int,
+        data: bytes,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+    ) -> None:
+        _set(self, "id", id)
+        _set(self, "execution_id", execution_id)
+        _set(self, "deadline_ms", deadline_ms)
+        _set(self, "data", data)
+        _set(self, "content_type", content_type)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Response:
+class Response(_Record):
     """Worker -> host: the answer to request `id` (`ok` with data, or an error)."""
 
+    __slots__ = ("content_type", "data", "error_code", "error_message", "id", "ok")
     id: int
     ok: bool
-    data: bytes = b""
-    content_type: str = DEFAULT_CONTENT_TYPE
-    error_code: str = ""
-    error_message: str = ""
+    data: bytes
+    content_type: str
+    error_code: str
+    error_message: str
+
+    def __init__(
+        self,
+        *,
+        id: int,
+        ok: bool,
+        data: bytes = b"",
+        content_type: str = DEFAULT_CONTENT_TYPE,
+        error_code: str = "",
+        error_message: str = "",
+    ) -> None:
+        _set(self, "id", id)
+        _set(self, "ok", ok)
+        _set(self, "data", data)
+        _set(self, "content_type", content_type)
+        _set(self, "error_code", error_code)
+        _set(self, "error_message", error_message)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Cancel:
+class Cancel(_Record):
     """Host -> worker: request `id` was abandoned."""
 
+    __slots__ = ("id",)
     id: int
+
+    def __init__(self, *, id: int) -> None:
+        _set(self, "id", id)
 
 
 Message = Hello | Request | Response | Cancel
+
+_new = object.__new__
+_set_request_id = Request.__dict__["id"].__set__
+_set_request_execution_id = Request.__dict__["execution_id"].__set__
+_set_request_deadline_ms = Request.__dict__["deadline_ms"].__set__
+_set_request_content_type = Request.__dict__["content_type"].__set__
+_set_request_data = Request.__dict__["data"].__set__
+
+
+def _dumps(doc: dict[str, Any]) -> bytes:
+    """One frame (length prefix + CBOR map) carrying `doc`; WireError if CBOR cannot carry it."""
+    try:
+        payload = cbor2.dumps(doc)
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+        raise WireError(f"cannot encode value as CBOR: {exc}") from exc
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def _loads(payload: bytes) -> Any:
+    """One CBOR value (its size checked by the caller); WireError if it is malformed."""
+    try:
+        return cbor2.loads(payload)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise WireError(f"malformed CBOR: {exc}") from exc
 
 
 def encode(message: Message) -> bytes:
@@ -113,8 +216,7 @@ def encode(message: Message) -> bytes:
     Raises:
         WireError: a field holds a value CBOR cannot carry.
     """
-    payload = dumps(_TO_DOC[type(message)](message))
-    return _LENGTH.pack(len(payload)) + payload
+    return _dumps(_TO_DOC[type(message)](message))
 
 
 def encode_answer(id_: int, data: bytes, content_type: str) -> bytes:
@@ -124,10 +226,12 @@ def encode_answer(id_: int, data: bytes, content_type: str) -> bytes:
     Raises:
         WireError: a field holds a value CBOR cannot carry.
     """
-    payload = dumps(
-        {"type": "response", "id": id_, "ok": True, "data": data, "content_type": content_type}
-    )
-    return _LENGTH.pack(len(payload)) + payload
+    doc = {"type": "response", "id": id_, "ok": True, "data": data, "content_type": content_type}
+    try:  # _dumps inlined
+        payload = cbor2.dumps(doc)
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+        raise WireError(f"cannot encode value as CBOR: {exc}") from exc
+    return _pack_length(len(payload)) + payload
 
 
 def _hello_doc(m: Any) -> dict[str, Any]:
@@ -245,13 +349,15 @@ def _parse_request(doc: Mapping[str, Any]) -> Request:
         and type(content_type) is str
         and type(data) is bytes
     ):
-        return Request(
-            id=id_,
-            execution_id=execution_id,
-            deadline_ms=deadline_ms,
-            content_type=content_type,
-            data=data,
-        )
+        # Request(...) without binding keywords, each slot set by its own descriptor: the
+        # worker's hot path (0.3 us instead of 0.65)
+        request = _new(Request)
+        _set_request_id(request, id_)
+        _set_request_execution_id(request, execution_id)
+        _set_request_deadline_ms(request, deadline_ms)
+        _set_request_content_type(request, content_type)
+        _set_request_data(request, data)
+        return request
     return Request(
         id=_id(doc),
         execution_id=_field(doc, "execution_id", str, "a text string"),
@@ -298,13 +404,16 @@ class MessageDecoder:
             if len(self._pending) < max(self._need, _LENGTH.size):
                 return []
             data, self._pending = bytes(self._pending), bytearray()
-        elif len(data) > _LENGTH.size and _LENGTH.unpack_from(data)[0] == len(data) - 4:
+        elif len(data) > 4 and _unpack_length(data)[0] == len(data) - 4:
             # One whole frame, the usual read on a round trip: no loop, no leftovers.
             if len(data) - 4 > self._max:
                 raise FrameTooLargeError(
                     f"frame of {len(data) - 4} bytes exceeds the cap of {self._max}"
                 )
-            doc = loads(data[_LENGTH.size :], max_bytes=self._max)
+            try:  # _loads inlined
+                doc = cbor2.loads(data[4:])
+            except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
+                raise WireError(f"malformed CBOR: {exc}") from exc
             kind = doc.get("type") if type(doc) is dict else None
             parse = self._parsers.get(kind) if type(kind) is str else None
             if parse is not None:
@@ -318,7 +427,7 @@ class MessageDecoder:
             end = pos + _LENGTH.size + self._length(data, pos)
             if end > size:
                 break
-            self._parse(loads(data[pos + _LENGTH.size : end], max_bytes=self._max), out)
+            self._parse(_loads(data[pos + _LENGTH.size : end]), out)
             pos = end
         if pos < size:
             self._pending += data[pos:]
@@ -352,25 +461,34 @@ class MessageDecoder:
 # --- the host's side ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Ready:
+class Ready(_Record):
     """The worker said hello: it serves up to `max_concurrency` requests at once."""
 
+    __slots__ = ("max_concurrency",)
     max_concurrency: int
 
+    def __init__(self, *, max_concurrency: int) -> None:
+        _set(self, "max_concurrency", max_concurrency)
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Completed:
+
+class Completed(_Record):
     """The worker answered a request still awaited."""
 
+    __slots__ = ("response",)
     response: Response
 
+    def __init__(self, *, response: Response) -> None:
+        _set(self, "response", response)
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Discarded:
+
+class Discarded(_Record):
     """The worker answered a request the host had cancelled; its slot is free again."""
 
+    __slots__ = ("id",)
     id: int
+
+    def __init__(self, *, id: int) -> None:
+        _set(self, "id", id)
 
 
 Event = Ready | Completed | Discarded
@@ -387,6 +505,7 @@ class HostSession:
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._decoder = MessageDecoder("worker", max_frame_bytes=max_frame_bytes)
+        self._max_frame_bytes = max_frame_bytes
         self._max_concurrency = 0  # 0 until the hello
         self._next_id = 1
         self._deadlines: dict[int, float] = {}
@@ -436,6 +555,39 @@ class HostSession:
             self._error = exc
             raise
 
+    def receive_answer(self, data: bytes) -> tuple[int, bytes, str] | None:
+        """The usual read on a round trip, with no events made: if `data` is exactly one
+        frame holding an `ok` response to a request awaited (in flight, not cancelled), that
+        request is answered and `(id, data, content_type)` returned. Anything else returns
+        None and leaves the session as it was: pass the same bytes to `receive`.
+        """
+        size = len(data) - 4
+        if (
+            size <= 0
+            or size > self._max_frame_bytes
+            or _unpack_length(data)[0] != size
+            or self._error is not None
+            or self._decoder.buffered
+        ):
+            return None
+        try:
+            doc = cbor2.loads(data[4:])
+        except Exception:  # `receive` says what is wrong with it
+            return None
+        if type(doc) is not dict or doc.get("type") != "response" or doc.get("ok") is not True:
+            return None
+        id_, output = doc.get("id"), doc.get("data")
+        content_type = doc.get("content_type", DEFAULT_CONTENT_TYPE)
+        if (
+            type(id_) is not int
+            or type(output) is not bytes
+            or type(content_type) is not str
+            or id_ in self._abandoned
+            or self._deadlines.pop(id_, None) is None  # not in flight: `receive` refuses it
+        ):
+            return None
+        return id_, output, content_type
+
     def start_request(
         self, *, execution_id: str, data: bytes, content_type: str, deadline: float, now: float
     ) -> tuple[int, bytes]:
@@ -451,21 +603,22 @@ class HostSession:
             raise ValueError("a request needs a finite deadline")
         id_ = self._next_id
         remaining_ms = max(0, int((deadline - now) * 1000))
-        # the map of a Request, built directly: this is the host's hot path
-        payload = dumps(
-            {
-                "type": "request",
-                "id": id_,
-                "execution_id": execution_id,
-                "deadline_ms": remaining_ms,
-                "content_type": content_type,
-                "data": data,
-            }
-        )
-        frame = _LENGTH.pack(len(payload)) + payload
+        # the map of a Request, built directly, and _dumps inlined: the host's hot path
+        doc = {
+            "type": "request",
+            "id": id_,
+            "execution_id": execution_id,
+            "deadline_ms": remaining_ms,
+            "content_type": content_type,
+            "data": data,
+        }
+        try:
+            payload = cbor2.dumps(doc)
+        except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+            raise WireError(f"cannot encode value as CBOR: {exc}") from exc
         self._next_id = 1 if id_ == MAX_ID else id_ + 1
         self._deadlines[id_] = deadline
-        return id_, frame
+        return id_, _pack_length(len(payload)) + payload
 
     def cancel(self, id_: int, *, now: float, grace_s: float) -> bytes:
         """Abandon request `id_`: it must be answered within `grace_s` (or by its deadline).

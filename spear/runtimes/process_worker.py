@@ -5,6 +5,9 @@ protocol state); its stderr is the logs. No task runs in the background: the cal
 `invoke` take turns holding the *pump* role (waiting on the pipes and moving bytes for every
 request in flight), and the role passes to another waiting caller when its holder's answer
 has arrived. An idle instance reads nothing; `healthy` notices a worker that died meanwhile.
+A caller reads stdout once right after writing its request, before it waits: a worker woken
+on the caller's CPU has mostly answered by then, and the call then needs no wait (it still
+passes a checkpoint, so it stays a cancel point).
 
 What stops an instance (it is then unhealthy, its process group is killed, and every
 request in flight fails):
@@ -36,7 +39,7 @@ from typing import Final
 import trio
 
 from spear.errors import FrameTooLargeError, RuntimeFailure, WireError
-from spear.model import FunctionSpec, RunOutcome
+from spear.model import ExecStatus, FunctionSpec, RunOutcome
 from spear.runtimes import process_verdicts as verdicts
 from spear.runtimes.base import effective_timeout_s
 from spear.runtimes.cgroups import Cgroup
@@ -59,6 +62,7 @@ FRAME_SLACK_BYTES: Final = 64 * 1024
 REAP_TIMEOUT_S: Final = 5.0
 #: stderr kept from the times no request is in flight (shown when a start fails)
 LOG_TAIL_BYTES: Final = 4096
+_SUCCEEDED: Final = ExecStatus.SUCCEEDED
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,13 +78,25 @@ class WorkerSettings:
 class _Waiter:
     """One request in flight: its logs, then its answer or the verdict that replaced it."""
 
-    __slots__ = ("capture", "done", "max_log_bytes", "response", "timeout_s", "verdict", "wake")
+    __slots__ = (
+        "capture",
+        "content_type",
+        "done",
+        "max_log_bytes",
+        "output",
+        "response",
+        "timeout_s",
+        "verdict",
+        "wake",
+    )
 
     def __init__(self, max_log_bytes: int, timeout_s: float = 0.0) -> None:
         self.timeout_s = timeout_s
         self.max_log_bytes = max_log_bytes
         self.capture: LogCapture | None = None  # made at the first chunk: most requests log none
-        self.response: Response | None = None
+        self.output: bytes | None = None  # an `ok` answer (the usual one) ...
+        self.content_type = DEFAULT_CONTENT_TYPE
+        self.response: Response | None = None  # ... or any other
         self.verdict: Verdict | None = None
         self.done = False
         self.wake: trio.Event | None = None  # made when the waiter waits without the pump
@@ -93,6 +109,11 @@ class _Waiter:
 
     def log_bytes(self) -> bytes:
         return b"" if self.capture is None else self.capture.getvalue()
+
+    def answer(self, output: bytes, content_type: str) -> None:
+        self.output, self.content_type, self.done = output, content_type, True
+        if self.wake is not None:
+            self.wake.set()
 
     def finish(self, response: Response | None = None, verdict: Verdict | None = None) -> None:
         self.response, self.verdict, self.done = response, verdict, True
@@ -234,11 +255,36 @@ class ProcessInstance:
         )
         waiter = self._waiters[id_] = _Waiter(self._spec.max_log_bytes, timeout_s)
         sent = time.perf_counter()
+        pipes = self._pipes
         try:
-            self._send(frame)
+            try:  # _send inlined
+                pipes.send(frame)
+            except BrokenPipeError:
+                self._lost()
             if offset is not None:  # the pump enforces the deadline (_expire)
-                self._pipes.arm(due - offset)
-                await self._until_done(waiter)
+                pipes.arm(due - offset)
+                if self._pumping:
+                    await self._until_done(waiter)
+                else:  # _until_done inlined: the usual caller pumps for itself
+                    self._pumping = True
+                    try:
+                        # A worker woken on this CPU has often answered by the time the
+                        # write returns: one read before waiting (as trio's streams do)
+                        # spares the wait's registration and wake-up.
+                        if self._dead is None and not pipes.sending:
+                            early = pipes.read_stdout()
+                            if early != b"":  # an answer, or None: the end of stdout
+                                self._pumped(early)
+                        answered_at_once = waiter.done
+                        while not waiter.done and self._dead is None:
+                            await pipes.wait()
+                            self._pump()
+                    finally:
+                        self._pumping = False
+                        if len(self._waiters) > 1:  # someone else may need the pump now
+                            self._pass_pump()
+                    if answered_at_once:  # nothing awaited yet: this call's cancel point
+                        await trio.lowlevel.checkpoint()
             else:
                 with trio.move_on_at(due):
                     await self._until_done(waiter)
@@ -307,31 +353,42 @@ class ProcessInstance:
         and, on the timer path, a request past its deadline."""
         if self._dead is not None:  # the pipes may be closed already
             return
+        pipes = self._pipes
         broken = False
-        if self._pipes.sending:
+        if pipes.sending:
             try:
-                self._pipes.flush()
+                pipes.flush()
             except BrokenPipeError:
                 broken = True
-        chunk = self._pipes.read_stdout()
+        self._pumped(pipes.read_stdout(), broken)
+
+    def _pumped(self, chunk: bytes | None, broken: bool = False) -> None:
+        """`_pump` once stdout was read (`chunk`) and queued frames were flushed."""
+        pipes = self._pipes
         # stderr after stdout: a worker writes a request's logs before its answer, so every
         # log line of the answers in `chunk` is there by now
-        logs = self._pipes.read_stderr()
+        logs = pipes.read_stderr()
         if logs:
             if len(logs) == READ_CHUNK_BYTES:
-                logs += self._pipes.read_stderr()
+                logs += pipes.read_stderr()
             self._take_logs(logs)
-        if chunk and not self._receive(chunk):
-            return
-        if self._pipes.disarm_fired():
+        if chunk:
+            answer = self._session.receive_answer(chunk)
+            if answer is not None:  # the usual read: one `ok` answer
+                self._waiters[answer[0]].answer(answer[1], answer[2])
+                if self._parked:
+                    self._slots.unpark()
+            elif not self._receive(chunk):
+                return
+        if pipes.disarm_fired():
             self._expire()
         # level-triggered: bytes still unread wake the next wait; an exit is looked for
         # only when nothing came (stdout may close a moment before the exit can be seen)
-        if broken or (not chunk and not logs and self._dead is None and self._pipes.exited()):
-            while logs := self._pipes.read_stderr():
+        if broken or (not chunk and not logs and self._dead is None and pipes.exited()):
+            while logs := pipes.read_stderr():
                 self._take_logs(logs)
             self._lost()
-        elif chunk is None and not self._pipes.watches_exit:
+        elif chunk is None and not pipes.watches_exit:
             self._lost()
 
     def _expire(self) -> None:
@@ -487,12 +544,26 @@ class ProcessInstance:
         return verdict
 
     def _answer_outcome(self, waiter: _Waiter, started: float, sent: float) -> RunOutcome:
-        if waiter.response is None:
-            assert waiter.verdict is not None
-            return verdicts.outcome(waiter.verdict, waiter.log_bytes(), started, sent)
-        limit = self._spec.max_output_bytes
+        output = waiter.output
         logs = b"" if waiter.capture is None else waiter.capture.getvalue()  # log_bytes()
-        return verdicts.answered(waiter.response, logs, limit, started, sent)
+        limit = self._spec.max_output_bytes
+        if output is not None and len(output) <= limit:  # the usual answer, built here
+            done = time.perf_counter()
+            return RunOutcome(
+                status=_SUCCEEDED,
+                output=output,
+                logs=logs,
+                content_type=waiter.content_type,
+                cold=False,
+                timings_ms={"acquire": (sent - started) * 1000, "run": (done - sent) * 1000},
+            )
+        response = waiter.response
+        if output is not None:
+            response = Response(id=0, ok=True, data=output, content_type=waiter.content_type)
+        if response is None:
+            assert waiter.verdict is not None
+            return verdicts.outcome(waiter.verdict, logs, started, sent)
+        return verdicts.answered(response, logs, limit, started, sent)
 
 
 def _system_clock_offset() -> float | None:

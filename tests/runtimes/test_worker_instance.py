@@ -320,6 +320,23 @@ async def test_cancelling_an_async_request_keeps_the_worker(tmp_path: Path, home
         assert (await call(instance, b"next")).output == b"NEXT"
 
 
+async def test_a_cancelled_caller_is_cancelled_also_when_the_answer_is_in_at_once(
+    tmp_path: Path,
+) -> None:
+    # On one CPU the worker mostly answers before the host's write returns, and the call
+    # then awaits nothing for its answer: it must still be a cancel point.
+    settings = WorkerSettings(cancel_grace_s=STEP_S)
+    process = ProcessRuntime(ProcessConfig(), work_dir=tmp_path / "w", worker_settings=settings)
+    async with open_instance(process, sdk("upper")) as instance:
+        for _ in range(20):
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await call(instance, b"x")
+            assert scope.cancelled_caught
+        assert instance.healthy
+        assert (await call(instance, b"next")).output == b"NEXT"
+
+
 async def test_cancelling_a_request_the_worker_cannot_stop_kills_it(
     process: ProcessRuntime, home: CallHome
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
+from collections.abc import Callable
 
 import cbor2
 import pytest
@@ -263,3 +264,71 @@ def test_an_oversized_answer_breaks_the_session() -> None:
     start(session)
     with pytest.raises(FrameTooLargeError):
         session.receive(encode(Response(id=1, ok=True, data=b"x" * 100)))
+
+
+# --- the host's fast path -------------------------------------------------------------------
+
+
+def twin_sessions() -> tuple[HostSession, HostSession, int, int]:
+    """Two sessions in the same state: two requests in flight, the second one cancelled."""
+    sessions = []
+    for _ in range(2):
+        session = HostSession(max_frame_bytes=256)
+        session.receive(encode(Hello(max_concurrency=3)))
+        first, second = start(session), start(session)
+        session.cancel(second, now=0.0, grace_s=1.0)
+        sessions.append(session)
+    return sessions[0], sessions[1], first, second
+
+
+def test_receive_answer_takes_one_ok_answer_awaited() -> None:
+    session, _twin, first, _second = twin_sessions()
+    answer = Response(id=first, ok=True, data=b"out", content_type="text/plain")
+    assert session.receive_answer(encode(answer)) == (first, b"out", "text/plain")
+    assert session.in_flight == 1
+    doc = {"type": "response", "id": first, "ok": True, "data": b"x", "extra": 1}
+    assert session.receive_answer(frame(doc)) is None  # answered already: receive refuses it
+
+
+def events_or_error(session: HostSession, data: bytes) -> object:
+    try:
+        return session.receive(data)
+    except WireError as exc:
+        return (type(exc), str(exc))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda first, second: encode(Response(id=second, ok=True, data=b"late")),  # cancelled
+        lambda first, second: encode(Response(id=first, ok=False, error_code="e")),
+        lambda first, second: encode(Response(id=first + 7, ok=True)),  # not in flight
+        lambda first, second: encode(Response(id=first, ok=True, data=b"x" * 300)),  # too big
+        lambda first, second: encode(Response(id=first, ok=True)) * 2,  # two frames
+        lambda first, second: encode(Response(id=first, ok=True))[:-1],  # a part
+        lambda first, second: encode(Hello()),
+        lambda first, second: frame({"type": "response", "id": True, "ok": True, "data": b""}),
+        lambda first, second: frame({"type": "response", "id": first, "ok": 1, "data": b""}),
+        lambda first, second: frame([1, 2]),
+        lambda first, second: b"\x00\x00\x00\x01\xff",
+    ],
+)
+def test_receive_answer_leaves_anything_else_to_receive(
+    make: Callable[[int, int], bytes],
+) -> None:
+    session, twin, first, second = twin_sessions()
+    data = make(first, second)
+    assert session.receive_answer(data) is None
+    assert session.in_flight == twin.in_flight == 2
+    assert events_or_error(session, data) == events_or_error(twin, data)
+    assert session.in_flight == twin.in_flight
+
+
+def test_messages_are_frozen_values() -> None:
+    message = Response(id=1, ok=True, data=b"x")
+    with pytest.raises(AttributeError, match="frozen"):
+        message.id = 2
+    assert message == Response(id=1, ok=True, data=b"x") != Response(id=2, ok=True, data=b"x")
+    assert hash(message) == hash(Response(id=1, ok=True, data=b"x"))
+    assert Cancel(id=1) != Discarded(id=1)
+    assert repr(Cancel(id=1)) == "Cancel(id=1)"
