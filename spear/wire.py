@@ -1,8 +1,9 @@
 """The CBOR wire codec: the mesh's versioned envelope and the worker protocol's framing.
 
-This is the only module that imports cbor2. A mesh frame is one CBOR map
-`{"v": 1, "type": str, "id": int, "from": str, "body": map}`; a worker frame is a 4-byte
-big-endian length followed by one CBOR map. Decoding never trusts the peer: size is capped
+The mesh's codec goes through here; the worker protocol (kept free of dataclasses so that a
+worker starts fast) and the gateway's CBOR answers call cbor2 themselves. A mesh frame is
+one CBOR map `{"v": 1, "type": str, "id": int, "from": str, "body": map}`; a worker frame is
+a 4-byte big-endian length followed by one CBOR map. Decoding never trusts the peer: size is capped
 before parsing, the shape is checked after, and every failure is a WireError.
 """
 
