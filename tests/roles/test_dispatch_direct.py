@@ -197,6 +197,7 @@ async def spinning_started() -> None:
 async def ended(api: httpx.AsyncClient, execution_id: str) -> dict[str, Any]:
     """The execution's record once it has ended (or, after 20 s, as it is)."""
     answer = await api.get(f"/api/v1/executions/{execution_id}", params={"wait_ms": 20000})
+    assert answer.status_code == 200, (answer.status_code, answer.text)
     record: dict[str, Any] = answer.json()
     return record
 
