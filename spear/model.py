@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, NewType
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 NodeId = NewType("NodeId", str)
 TaskId = NewType("TaskId", str)
@@ -164,21 +165,40 @@ class TaskSpec(_Spec):
     @model_validator(mode="after")
     def _check_runtime_fields(self) -> TaskSpec:
         if self.name.startswith("tk-"):
-            raise ValueError("name may not start with 'tk-' (reserved for task ids)")
+            raise _field_error("name", "name may not start with 'tk-' (reserved for task ids)")
         for key, value in self.env.items():
             if not key or "=" in key or "\0" in key:
-                raise ValueError(f"env key {key!r} must be non-empty without '=' or NUL")
+                raise _field_error("env", f"env key {key!r} must be non-empty without '=' or NUL")
             if "\0" in value:
-                raise ValueError(f"env value of {key!r} may not contain NUL bytes")
+                raise _field_error("env", f"env value of {key!r} may not contain NUL bytes")
         if any("\0" in arg for arg in self.command):
-            raise ValueError("command arguments may not contain NUL bytes")
+            raise _field_error("command", "command arguments may not contain NUL bytes")
         if self.runtime == "wasm" and self.artifact is None:
-            raise ValueError("runtime 'wasm' needs an artifact (the file_id of a WASM module)")
+            message = "runtime 'wasm' needs an artifact (the file_id of a WASM module)"
+            raise _field_error("artifact", message)
         if self.runtime == "process" and self.artifact is None and not self.command:
-            raise ValueError("runtime 'process' needs a command or an artifact")
+            raise _field_error("command", "runtime 'process' needs a command or an artifact")
         if self.runtime == "docker" and self.image is None:
-            raise ValueError("runtime 'docker' needs an image")
+            raise _field_error("image", "runtime 'docker' needs an image")
         return self
+
+    def inapplicable_field(self) -> tuple[str, str] | None:
+        """A field set that this runtime or mode ignores, and why: (field, message); None
+        if there is none. Checked when a task is registered (a stored definition is taken
+        as it is: one stored before the rule must still load)."""
+        if self.image is not None and self.runtime != "docker":
+            return "image", f"image applies to runtime 'docker' only, not {self.runtime!r}"
+        if self.artifact is not None and self.runtime == "docker":
+            return "artifact", "artifact applies to runtimes 'wasm' and 'process', not 'docker'"
+        if self.mode != "worker" and self.pool.model_dump(exclude_none=True):
+            return "pool", f"pool applies to mode 'worker' only, not {self.mode!r}"
+        return None
+
+
+def _field_error(field: str, message: str) -> PydanticCustomError:
+    """A rule of a whole definition that one field breaks: its message, and the field in the
+    error's context (the gateway names it in its 422)."""
+    return PydanticCustomError("task_field", message, {"field": field})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -157,6 +157,8 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str | N
     first: dict[str, Any] = errors[0] if errors else fallback
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     where = ".".join(loc) or None
+    if where is None and first.get("type") == "task_field":  # a rule of the whole body
+        return 422, str(first.get("msg", "is invalid")), str(first["ctx"]["field"])
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return 400, f"request body is not valid JSON: {detail}".rstrip(": "), None

@@ -176,6 +176,9 @@ class TaskService:
             ConflictError: the name is taken.
             ValidationError, ArtifactError: the runtime refuses the definition.
         """
+        inapplicable = spec.inapplicable_field()
+        if inapplicable is not None:
+            raise ValidationError(inapplicable[1], field=inapplicable[0])
         if self._state.find_task(spec.name) is not None:
             raise ConflictError(f"a task named {spec.name!r} already exists")
         pinned = spec.placement.node_id

@@ -413,6 +413,34 @@ async def test_bad_requests_get_clear_json_errors(
     assert ok.content == b"STILL"
 
 
+SHA = "ab" * 32
+FIELD_RULES = [
+    ({"name": "x", "runtime": "wasm"}, "artifact", "runtime 'wasm' needs an artifact"),
+    ({"name": "x", "runtime": "process"}, "command", "needs a command or an artifact"),
+    ({"name": "x", "runtime": "docker"}, "image", "runtime 'docker' needs an image"),
+    ({"name": "tk-x", "runtime": "process", "command": ["a"]}, "name", "may not start with 'tk-'"),
+    ({"name": "x", "runtime": "process", "command": ["a"], "env": {"A=B": "1"}}, "env", "env key"),
+    ({"name": "x", "runtime": "wasm", "artifact": SHA, "image": "b"}, "image", "docker' only"),
+    ({"name": "x", "runtime": "docker", "image": "b", "artifact": SHA}, "artifact", "not 'docker'"),
+    (
+        {"name": "x", "runtime": "process", "command": ["a"], "pool": {"max_instances": 2}},
+        "pool",
+        "pool applies to mode 'worker' only",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "field", "message"), FIELD_RULES)
+async def test_a_rule_of_the_whole_definition_names_its_field(
+    api: httpx.AsyncClient, body: dict[str, Any], field: str, message: str
+) -> None:
+    resp = await api.post("/api/v1/tasks", json=body)
+    assert resp.status_code == 422, resp.text
+    doc = resp.json()
+    assert doc["field"] == field and message in doc["message"], doc
+    assert (await api.get("/api/v1/tasks")).json()["tasks"] == []  # nothing registered
+
+
 async def test_bad_artifacts_and_oversized_bodies(start_node: Callable[..., Any]) -> None:
     node = await start_node(gateway__max_upload_bytes=4096, gateway__max_invoke_body_bytes=16)
     async with httpx.AsyncClient(base_url=node.http_url) as api:
