@@ -246,9 +246,12 @@ class InstancePool:
         self._abandon(waiter)
         waited_ms = (trio.current_time() - began) * 1000
         if starting:
+            hint = ""
+            if self.spec.runtime in ("process", "docker"):
+                hint = "; a worker is ready once it sends its hello frame (docs/workers.md)"
             raise InstanceStartTimeout(
                 f"the instance started for this call of task {self.spec.name!r} was not ready"
-                f" within the call's deadline ({waited_ms:.0f} ms)"
+                f" within the call's deadline ({waited_ms:.0f} ms){hint}"
             )
         setting = "pool.acquire_timeout_ms"
         if deadline < began + acquire_timeout_s:

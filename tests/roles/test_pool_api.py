@@ -227,3 +227,14 @@ def _alive(pid: int) -> bool:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
+
+
+async def test_a_worker_that_never_says_hello_times_out_with_a_hint(
+    api: httpx.AsyncClient,
+) -> None:
+    # cat echoes the host's frames back instead of answering with a hello of its own
+    await register(api, name="mute", runtime="process", mode="worker", command=["/bin/cat"])
+    answer = await api.post("/api/v1/tasks/mute/invoke", content=b"x", params={"timeout_ms": 300})
+    assert answer.status_code == 504, answer.text
+    message = answer.json()["error"]["message"]
+    assert "was not ready" in message and "hello frame (docs/workers.md)" in message
