@@ -42,6 +42,8 @@ _HOP_BY_HOP: Final = frozenset(
         "content-length",
     }
 )
+#: not relayed from the leader's answer: hop-by-hop, and what this node's server adds itself
+_RELAY_DROPS: Final = (_HOP_BY_HOP - {"content-length"}) | {"date", "server"}
 
 #: answers the gateway address ("host:port") of the leader, or None when none is known
 LeaderLocator = Callable[[], str | None]
@@ -109,7 +111,7 @@ class ForwardingApp:
             await self._unavailable(send, f"the leader at {leader} cannot be reached; retry")
             return
         try:
-            await _relay_response(response, send)
+            await _relay_response(response, send, self._node_id)
         finally:
             await response.aclose()
 
@@ -153,12 +155,16 @@ async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-async def _relay_response(response: httpx.Response, send: Send) -> None:
+async def _relay_response(response: httpx.Response, send: Send, node_id: str) -> None:
+    """The leader's answer, as it is but for the hop-by-hop headers and those this node's
+    server sets itself (`date`, `server`: they would be there twice); it names this node in
+    `X-Spear-Forwarded-By`."""
     headers = [
         (k.encode("latin-1"), v.encode("latin-1"))
         for k, v in response.headers.multi_items()
-        if k.lower() not in _HOP_BY_HOP - {"content-length"}
+        if k.lower() not in _RELAY_DROPS
     ]
+    headers.append((FORWARDED_BY.encode(), node_id.encode("latin-1")))
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     async for chunk in response.aiter_raw():
         await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -69,6 +69,9 @@ async def test_invocations_and_their_headers_pass_through(
     assert answer.content == b"HELLO"
     assert answer.headers["x-spear-status"] == "succeeded"
     assert answer.headers["x-spear-node"] == node.node_id
+    assert answer.headers[FORWARDED_BY] == "nd-follower"  # the relaying node names itself
+    for once in ("date", "server"):  # the follower's server sets these, not the leader's
+        assert len(answer.headers.get_list(once)) == 1, answer.headers
     missing = await follower.get("/api/v1/tasks/nope")
     assert missing.status_code == 404
     assert missing.json()["error"] == "not_found"
