@@ -836,15 +836,22 @@ class TaskService:
     def list_executions(
         self, *, task: str | None = None, status: str | None = None, limit: int = 100
     ) -> list[ExecutionRecord]:
-        task_id = self.get_task(task).task_id if task else None
+        # A task is named by id or name; a deleted one's executions are still listed (by
+        # its id, or by the name its records carry).
+        found = self._state.find_task(task) if task else None
+        task_id = found.task_id if found is not None else None
         wanted = ExecStatus(status) if status else None
         records = [e.record for e in self._sync.values()]
         records += self._state.executions(limit=max(limit, 1) * 4)
-        out = [
-            r
-            for r in records
-            if (task_id is None or r.task_id == task_id) and (wanted is None or r.status is wanted)
-        ]
+
+        def of_task(r: ExecutionRecord) -> bool:
+            if task is None:
+                return True
+            if task_id is not None:
+                return r.task_id == task_id
+            return task in (r.task_id, r.task_name)
+
+        out = [r for r in records if of_task(r) and (wanted is None or r.status is wanted)]
         out.sort(key=lambda r: r.execution_id, reverse=True)
         return out[:limit]
 

@@ -131,6 +131,14 @@ async def test_async_invoke_and_long_poll(api: httpx.AsyncClient) -> None:
     assert (await api.get(f"/api/v1/executions/{execution_id}/output")).content == b"LATER"
     listed = (await api.get("/api/v1/executions", params={"task": "upper"})).json()
     assert execution_id in [r["execution_id"] for r in listed["executions"]]
+    # a deleted task's executions stay listed, by its name or its id
+    task_id = listed["executions"][0]["task_id"]
+    assert (await api.delete("/api/v1/tasks/upper")).status_code in (200, 204)
+    for ref in ("upper", task_id):
+        listed = (await api.get("/api/v1/executions", params={"task": ref})).json()
+        assert [r["execution_id"] for r in listed["executions"]] == [execution_id], ref
+    nobody = (await api.get("/api/v1/executions", params={"task": "nobody"})).json()
+    assert nobody["executions"] == []
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
