@@ -30,9 +30,12 @@ from spear.errors import (
 )
 
 API = "/api/v1"
-#: a sync invocation with no `timeout_ms` may run up to the server's runtimes.max_timeout_ms
-#: (default 900 s); the client waits that long plus its own timeout before giving up.
-MAX_FUNCTION_TIMEOUT_S = 900.0
+#: a sync invocation runs at most the server's runtimes.max_timeout_ms (default 900 s); the
+#: client waits that long (or a shorter `timeout_ms`) plus its own timeout before giving up.
+#: A larger `timeout_ms` is still sent: the server caps it or refuses it with a 422.
+MAX_FUNCTION_TIMEOUT_MS = 900_000
+#: the longest long poll of `GET /executions/{id}?wait_ms=` the API accepts
+MAX_WAIT_MS = 60_000
 
 #: a JSON object as the server sent it (narrowed to a dict, fields not checked)
 Doc = dict[str, Any]
@@ -208,14 +211,14 @@ class SpearClient:
         idempotency_key: str | None = None,
     ) -> Invocation:
         """Invoke a task and wait for its outcome (a failed function is not an exception)."""
-        wait_s = MAX_FUNCTION_TIMEOUT_S if timeout_ms is None else timeout_ms / 1000
+        wait_ms = MAX_FUNCTION_TIMEOUT_MS if timeout_ms is None else timeout_ms
         response = self._request(
             "POST",
             f"{API}/tasks/{_seg(task)}/invoke",
             content=data,
             params=_params(timeout_ms=timeout_ms),
             headers=_invoke_headers(idempotency_key),
-            timeout=self._waiting(wait_s),
+            timeout=self._waiting(wait_ms, cap_ms=MAX_FUNCTION_TIMEOUT_MS),
             ok=(200, 502, 504),
         )
         headers = response.headers
@@ -260,12 +263,13 @@ class SpearClient:
 
     def get_execution(self, execution_id: str, *, wait_ms: int | None = None) -> Doc:
         """The execution record; with `wait_ms`, the server holds the answer until the
-        execution ends or that long has passed (a long poll, at most 60 000 ms)."""
+        execution ends or that long has passed (a long poll, at most MAX_WAIT_MS; the server
+        refuses more with a ValidationError naming `wait_ms`)."""
         return self._json(
             "GET",
             f"{API}/executions/{_seg(execution_id)}",
             params=_params(wait_ms=wait_ms),
-            timeout=self._waiting((wait_ms or 0) / 1000),
+            timeout=self._waiting(wait_ms or 0, cap_ms=MAX_WAIT_MS),
         )
 
     def execution_output(self, execution_id: str) -> bytes:
@@ -279,8 +283,13 @@ class SpearClient:
 
     # --- plumbing -------------------------------------------------------------------------
 
-    def _waiting(self, wait_s: float) -> httpx.Timeout:
-        """Timeouts for a request the server may hold for `wait_s` before answering."""
+    def _waiting(self, wait_ms: int, *, cap_ms: int) -> httpx.Timeout:
+        """Timeouts for a request the server may hold for `wait_ms` before answering.
+
+        The wait is capped at `cap_ms`, the most the server holds a request: a user's value
+        can be any integer, and a socket timeout of 10**20 ms overflows the OS's time type.
+        """
+        wait_s = max(0, min(wait_ms, cap_ms)) / 1000
         return httpx.Timeout(self.timeout_s, read=wait_s + self.timeout_s)
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Doc:

@@ -32,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}{_hint(args)}")
+        if args.json_first:
+            if not hasattr(args, "json"):
+                parser.error("--json applies to the client commands only")
+            args.json = True
     except SystemExit as exc:  # --help, or a usage error already reported in one line
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Handler = args.handler

@@ -1,10 +1,12 @@
 """`spear cluster`: run a whole cluster on this machine, and change a cluster's voters.
 
 `spear cluster --nodes N` starts N `spear node` processes on loopback, each with its own data
-directory under `--data-dir`, ports chosen by the OS, and one fresh cluster key. The first
-min(N, 3) nodes are the voters (`--bootstrap-expect`); the others join as non-voting
-Spearlets. It prints every node's addresses and the join token, then waits; Ctrl-C or
-SIGTERM stops every node (SIGTERM, then SIGKILL after a grace period) and exits 0.
+directory under `--data-dir`, its output in `<data-dir>/<name>.log`, ports chosen by the OS,
+and one fresh cluster key. The first min(N, 3) nodes are the voters (`--bootstrap-expect`);
+the others join as non-voting Spearlets. It prints every node's addresses and the join token,
+then waits. A node that exits (a crash, or a kill to try failover) is reported in one line on
+stderr and the others keep serving; Ctrl-C or SIGTERM stops every node (SIGTERM, then SIGKILL
+after a grace period) and exits 0; when every node has exited it exits 1.
 
 `spear cluster promote|demote|remove|transfer-leader ID` change a running cluster's Raft
 configuration through any node's gateway (`--server`); each returns once the change is
@@ -28,11 +30,17 @@ from typing import Any
 from urllib.parse import quote
 
 from spear.cli.commands import add_client_flags, open_client
-from spear.cli.output import EXIT_FAILED, fail, print_json, print_table
+from spear.cli.output import EXIT_FAILED, fail, print_json, print_table, program
 from spear.client import SpearClient
 
 STOP_GRACE_S = 10.0
 MAX_NODES = 9
+#: how often the launcher looks for nodes that exited
+WATCH_INTERVAL_S = 0.2
+#: how long `transfer-leader` waits for the node it asked to learn who leads now, and how often
+#: it asks (the old leader hears of the new one with the new leader's first heartbeat)
+LEADER_KNOWN_WAIT_S = 10.0
+LEADER_POLL_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +49,7 @@ class _Node:
     http: str
     listen: str
     data_dir: Path
+    log: Path
     proc: subprocess.Popen[bytes]
 
 
@@ -110,13 +119,19 @@ def cmd_cluster_change(args: argparse.Namespace) -> int:
     _, done, call = _CHANGES[args.change]
     with open_client(args) as client:
         doc = call(client, args.node)
+        if args.change == "transfer-leader":
+            doc = _wait_leader_known(client, doc)
     if args.json:
         print_json(doc)
         return 0
     print(f"node {_describe(doc, args.node)} {done}", flush=True)
     raft = doc.get("raft")
     learners = raft.get("learners") if isinstance(raft, Mapping) else None
-    print(f"leader    {_describe(doc, doc.get('leader_id'))} (term {doc.get('term')})")
+    leader = doc.get("leader_id")
+    if leader:
+        print(f"leader    {_describe(doc, leader)} (term {doc.get('term')})")
+    else:
+        print(f"leader    - (term {doc.get('term')}; not known yet: `spear status` shows it)")
     print(f"voters    {_names(doc, doc.get('voters'))}")
     print(f"learners  {_names(doc, learners)}", flush=True)
     return 0
@@ -125,6 +140,16 @@ def cmd_cluster_change(args: argparse.Namespace) -> int:
 def _change(client: SpearClient, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
     # SpearClient has no cluster-change methods yet; this is its own request helper.
     return client._json(method, f"/api/v1/cluster/{path}", **kwargs)
+
+
+def _wait_leader_known(client: SpearClient, doc: dict[str, Any]) -> dict[str, Any]:
+    """The cluster document once the node asked knows the leader (a transfer answers as soon
+    as that node stepped down, before it heard from its successor), or the last one seen."""
+    deadline = time.monotonic() + LEADER_KNOWN_WAIT_S
+    while not doc.get("leader_id") and time.monotonic() < deadline:
+        time.sleep(LEADER_POLL_S)
+        doc = client.cluster()
+    return doc
 
 
 def _seg(value: str) -> str:
@@ -161,14 +186,39 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             joins = [nodes[0].listen] if nodes else []
             nodes.append(_start(i + 1, root, token, voters if i < voters else 1, joins, args))
         _report(nodes, token)
-        while not stop.requested:
-            if dead := [n for n in nodes if n.proc.poll() is not None]:
-                names = ", ".join(f"{n.name} (exit {n.proc.returncode})" for n in dead)
-                return fail(f"nodes stopped unexpectedly: {names}; see their output", EXIT_FAILED)
-            time.sleep(0.2)
-        return 0
+        return _watch(nodes, stop)
     finally:
         _stop_all(nodes)
+
+
+def _watch(nodes: list[_Node], stop: _StopFlag) -> int:
+    """Report each node that exits and keep the others running, until a stop is requested
+    (exit 0) or no node is left (exit 1)."""
+    running = list(nodes)
+    while not stop.requested:
+        for node in [n for n in running if n.proc.poll() is not None]:
+            running.remove(node)
+            left = f"{len(running)} still running" if running else "none left"
+            print(
+                f"spear: node {node.name} (pid {node.proc.pid}) {_exit_status(node.proc)}; "
+                f"its output: {node.log}; {left}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if not running:
+            return fail("every node has exited; stopping", EXIT_FAILED)
+        time.sleep(WATCH_INTERVAL_S)
+    return 0
+
+
+def _exit_status(proc: subprocess.Popen[bytes]) -> str:
+    code = proc.returncode
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 class _StopFlag:
@@ -202,16 +252,23 @@ def _start(
     for join in joins:
         argv += ["--join", join]
     env = {**os.environ, "SPEAR_MESH__PROFILE": args.profile}
-    # Its own session: a Ctrl-C reaches only this command, which then stops the nodes.
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
-    return _Node(name, http, listen, data_dir, proc)
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / f"{name}.log"
+    # Its own session: a Ctrl-C reaches only this command, which then stops the nodes. Its own
+    # log file: N nodes' lines interleaved on one terminal cannot be told apart.
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return _Node(name, http, listen, data_dir, log, proc)
 
 
 def _report(nodes: list[_Node], token: str) -> None:
     rows = [[n.name, f"http://{n.http}", n.listen, n.proc.pid, n.data_dir] for n in nodes]
     print_table(["NAME", "HTTP", "MESH", "PID", "DATA DIR"], rows)
-    print(f"join token: {token}")
-    print(f"try: spear status --server http://{nodes[0].http}   (Ctrl-C stops the cluster)")
+    print(f"node output: {nodes[0].log.parent / 'NAME.log'}")
+    print(f"join token:  {token}")
+    print(f"try: {program()} status --server http://{nodes[0].http}   (Ctrl-C stops the cluster)")
     sys.stdout.flush()
 
 

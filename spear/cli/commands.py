@@ -15,17 +15,22 @@ from typing import Any
 
 from spear.cli.output import (
     EXIT_FAILED,
-    cell,
     fail,
     print_doc,
     print_json,
     print_table,
+    runtime_names,
     when,
     write_bytes,
 )
 from spear.cli.reading import UsageError, open_input, parse_env, read_data, read_json_object
 from spear.client import Doc, Invocation, SpearClient
 from spear.config import load_config, parse_hostport
+
+#: the statuses of an execution that has ended
+ENDED_STATUSES = frozenset({"succeeded", "failed", "timeout", "cancelled"})
+#: how long `executions cancel` waits for a running execution to be stopped
+CANCEL_WAIT_MS = 5_000
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +129,7 @@ def cmd_tasks_register(args: argparse.Namespace) -> int:
         if args.file:
             with open_input(args.file) as data:
                 spec["artifact"] = client.upload_file(data, name=Path(args.file).name)["file_id"]
-        return show(args, client.register_task(spec))
+        return _show_task(args, client.register_task(spec))
 
 
 def cmd_tasks_list(args: argparse.Namespace) -> int:
@@ -150,7 +155,15 @@ def cmd_tasks_list(args: argparse.Namespace) -> int:
 
 def cmd_tasks_get(args: argparse.Namespace) -> int:
     with open_client(args) as client:
-        return show(args, client.get_task(args.task))
+        return _show_task(args, client.get_task(args.task))
+
+
+def _show_task(args: argparse.Namespace, task: Mapping[str, Any]) -> int:
+    """A task document; in table mode without `pool` unless it runs workers (per-call tasks
+    have no pool: its settings are all unset)."""
+    if not args.json and task.get("mode") != "worker":
+        task = {key: value for key, value in task.items() if key != "pool"}
+    return show(args, task)
 
 
 def cmd_tasks_delete(args: argparse.Namespace) -> int:
@@ -276,8 +289,22 @@ def cmd_executions_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_executions_cancel(args: argparse.Namespace) -> int:
+    """Cancel, then show the record once the execution ended (a running one takes a moment to
+    be stopped), or as it is after CANCEL_WAIT_MS with a note that the cancel was requested."""
+    execution_id: str = args.execution_id
     with open_client(args) as client:
-        return show(args, client.cancel_execution(args.execution_id))
+        record = client.cancel_execution(execution_id)
+        if record.get("status") not in ENDED_STATUSES:
+            record = client.get_execution(execution_id, wait_ms=CANCEL_WAIT_MS)
+    show(args, record)
+    if record.get("status") not in ENDED_STATUSES:
+        print(
+            f"spear: cancel requested; execution {execution_id} is still {record.get('status')} "
+            f"(`spear executions get {execution_id} --wait-ms 60000` waits for its end)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -302,21 +329,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             m.get("voter"),
             m.get("http_address"),
             m.get("mesh_address"),
-            _runtimes(m.get("runtimes")),
+            runtime_names(m.get("runtimes")),
         )
         for m in members
     ]
     print_table(("NAME", "NODE_ID", "STATE", "VOTER", "HTTP", "MESH", "RUNTIMES"), rows)
     return 0
-
-
-def _runtimes(runtimes: Any) -> str:
-    """The runtimes a member offers: {"wasm": {"available": true, ...}, ...} → "wasm,process"."""
-    if isinstance(runtimes, dict):
-        names = [
-            name
-            for name, info in runtimes.items()
-            if not isinstance(info, dict) or info.get("available", True)
-        ]
-        return ",".join(names) or "-"
-    return cell(runtimes)

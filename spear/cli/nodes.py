@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from spear.cli.commands import open_client, show
-from spear.cli.output import print_doc, print_json, print_table
+from spear.cli.output import print_doc, print_json, print_table, runtime_names
 
 COLUMNS = (
     "NAME",
@@ -72,7 +72,7 @@ def _row(node: Mapping[str, Any]) -> list[Any]:
         node.get("node_id"),
         node.get("status"),
         role(node),
-        _names(node.get("runtimes")),
+        runtime_names(node.get("runtimes")),
         _percent(metrics.get("cpu_percent")),
         human_bytes(metrics.get("memory_available_bytes")),
         _number(metrics.get("load_1m")),
@@ -113,21 +113,6 @@ def _running(node: Mapping[str, Any]) -> str:
     if not (_is_number(running) and _is_number(slots)):
         return "-"
     return f"{running}/{slots}"
-
-
-def _names(runtimes: Any) -> str:
-    if isinstance(runtimes, list):
-        return ",".join(str(name) for name in runtimes) or "-"
-    if isinstance(runtimes, Mapping):  # a runtime description per name (a lone node's gateway)
-        return (
-            ",".join(
-                name
-                for name, info in runtimes.items()
-                if not isinstance(info, Mapping) or info.get("available", True)
-            )
-            or "-"
-        )
-    return "-"
 
 
 def _is_number(value: Any) -> bool:

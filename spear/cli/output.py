@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -20,17 +23,47 @@ def fail(message: str, exit_code: int) -> int:
     return exit_code
 
 
+def program() -> str:
+    """`spear` as the user ran it, for commands printed to copy: `.venv/bin/spear` when run by
+    a path that is not the `spear` on PATH, else `spear` (also for `python -m spear`)."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) != "spear" or os.sep not in argv0:
+        return "spear"
+    on_path = shutil.which("spear")
+    if on_path is not None and os.path.realpath(on_path) == os.path.realpath(argv0):
+        return "spear"
+    return shlex.quote(argv0)
+
+
 def print_json(doc: Any) -> None:
     print(json.dumps(doc, indent=2), flush=True)
 
 
 def print_doc(doc: Mapping[str, Any]) -> None:
-    """One document as aligned `key  value` lines; `*_at` timestamps as local times."""
+    """One document as aligned `key  value` lines; `*_at` timestamps as local times, also
+    inside nested values; a list of objects (an execution's history) one object a line."""
     width = max((len(key) for key in doc), default=0)
     for key, value in doc.items():
-        text = when(value) if key.endswith("_at") else cell(value)
-        print(f"{key:<{width}}  {text}")
+        value = readable_times(value, key)
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            lines = [cell(item) for item in value]
+        else:
+            lines = [cell(value)]
+        print(f"{key:<{width}}  {lines[0]}")
+        for line in lines[1:]:
+            print(f"{'':<{width}}  {line}")
     sys.stdout.flush()
+
+
+def readable_times(value: Any, key: str = "") -> Any:
+    """`value` with every `*_at` Unix timestamp in it (at any depth) as a local time."""
+    if key.endswith("_at") and isinstance(value, int | float) and not isinstance(value, bool):
+        return when(value)
+    if isinstance(value, dict):
+        return {k: readable_times(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [readable_times(v) for v in value]
+    return value
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -62,6 +95,21 @@ def when(timestamp: Any) -> str:
     if not isinstance(timestamp, int | float) or isinstance(timestamp, bool):
         return cell(timestamp)
     return datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
+
+
+def runtime_names(runtimes: Any) -> str:
+    """The runtimes a node offers as `wasm,process`: from a list of names, or from a
+    description per name (`{"wasm": {"available": true, ...}}`, a lone node's gateway)."""
+    if isinstance(runtimes, list):
+        return ",".join(str(name) for name in runtimes) or "-"
+    if isinstance(runtimes, Mapping):
+        names = [
+            str(name)
+            for name, info in runtimes.items()
+            if not isinstance(info, Mapping) or info.get("available", True)
+        ]
+        return ",".join(names) or "-"
+    return cell(runtimes)
 
 
 def write_bytes(data: bytes) -> None:

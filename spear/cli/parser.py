@@ -31,6 +31,13 @@ def build_parser() -> Parser:
     parser.add_argument(
         "--traceback", action="store_true", help="show the traceback of an unexpected error (a bug)"
     )
+    # Also before the command (`spear --json tasks list`); each client command has its own.
+    parser.add_argument(
+        "--json",
+        dest="json_first",
+        action="store_true",
+        help="print raw JSON (client commands; also accepted after the command)",
+    )
     sub = _subcommands(parser)
 
     node_flags = Parser(add_help=False)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spear.cli.output import program
 from spear.config import Config, load_config
 
 if TYPE_CHECKING:
@@ -72,8 +74,9 @@ async def _walk_through_demo(handle: NodeHandle) -> None:
 
     from spear.demo import run_demo
 
+    walk_through = functools.partial(run_demo, handle.http_url, sys.stdout, program=program())
     # The client is synchronous: in a thread it cannot block the node it talks to.
-    await trio.to_thread.run_sync(run_demo, handle.http_url, sys.stdout, abandon_on_cancel=True)
+    await trio.to_thread.run_sync(walk_through, abandon_on_cancel=True)
 
 
 class _JsonFormatter(logging.Formatter):

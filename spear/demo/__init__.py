@@ -32,8 +32,11 @@ def upper_wasm() -> bytes:
     return wat_to_wasm(wat)
 
 
-def run_demo(base_url: str, out: TextIO) -> None:
+def run_demo(base_url: str, out: TextIO, *, program: str = "spear") -> None:
     """Upload, register (or reuse) and invoke the demo function on `base_url`, reporting to `out`.
+
+    `program` is how the commands it suggests call spear (`.venv/bin/spear` after the quick
+    start, where `spear` is not on PATH).
 
     Raises:
         SpearError: a request failed, or the function did not succeed (DemoError).
@@ -56,14 +59,14 @@ def run_demo(base_url: str, out: TextIO) -> None:
     _say(out, "  output", repr(result.output.decode(errors="replace")))
     where = f"on {result.node_id or '-'} ({cold}, {duration})"
     _say(out, "  execution", f"{result.execution_id} {result.status} {where}")
-    print_next_steps(base_url, out)
+    print_next_steps(base_url, out, program=program)
 
 
 def _say(out: TextIO, label: str, text: str) -> None:
     print(f"{label:<26}{text}", file=out, flush=True)
 
 
-def print_next_steps(base_url: str, out: TextIO) -> None:
+def print_next_steps(base_url: str, out: TextIO, *, program: str = "spear") -> None:
     """The gateway, the API docs and commands to try against the running demo."""
     data = shlex.quote("hi there")
     print(
@@ -73,8 +76,8 @@ API docs  {base_url}/docs
 
 try:
   curl --data {data} {base_url}/api/v1/tasks/{TASK_NAME}/invoke
-  spear invoke {TASK_NAME} --data {data} --server {base_url}
-  spear executions list --server {base_url}
+  {program} invoke {TASK_NAME} --data {data} --server {base_url}
+  {program} executions list --server {base_url}
 
 serving until Ctrl-C""",
         file=out,

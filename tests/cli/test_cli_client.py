@@ -7,9 +7,12 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 import wasmtime
 
 from tests.subprocesses import NodeProcess, SpearCli, spear_env
@@ -18,6 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 EXECUTION_ID = re.compile(r"^ex-[0-9a-f]{20}$")
 FILE_ID = re.compile(r"^[0-9a-f]{64}$")
 TRAP_WAT = '(module (memory (export "memory") 1) (func (export "_start") unreachable))'
+#: how often, and how far apart, a test asks whether an execution started
+ATTEMPTS, BACKOFF_S = 200, 0.05
 SPIN_WAT = '(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))'
 
 
@@ -113,7 +118,10 @@ def test_tasks_register_list_get_delete(
         )
     )
     assert re.search(r"^task_id\s+tk-[0-9a-f]{16}$", text, re.MULTILINE), text
+    assert not re.search(r"^pool ", text, re.MULTILINE), "a per-call task has no pool"
+    assert not re.search(r"^pool ", ok(spear_cli("tasks", "get", "upper", *server)), re.MULTILINE)
     task = ok_json(spear_cli("tasks", "get", "upper", "--json", *server))
+    assert "pool" in task, "--json prints the document as it is"
     assert task["runtime"] == "wasm" and task["timeout_ms"] == 5000
     assert task["env"] == {"A": "1", "B": "x=y"} and task["description"] == "shouts"
     assert ok_json(spear_cli("tasks", "get", task["task_id"], "--json", *server)) == task
@@ -247,6 +255,8 @@ def test_async_invoke_and_executions(
     assert record["status"] == "succeeded" and record["mode"] == "async"
     text = ok(spear_cli("executions", "get", execution_id, *server))
     assert re.search(r"^status\s+succeeded$", text, re.MULTILINE), text
+    # Times as local times, also inside the history: no raw Unix timestamps.
+    assert re.search(r'^history .*"started_at":"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"', text, re.M), text
     output = spear_cli("executions", "output", execution_id, *server)
     assert (output.returncode, output.stdout) == (0, b"ABC")
     assert spear_cli("executions", "logs", execution_id, *server).returncode == 0
@@ -283,9 +293,13 @@ def test_status_shows_health_and_members(spear_node: NodeProcess, spear_cli: Spe
     assert ["NAME", "NODE_ID", "STATE", "VOTER", "HTTP", "MESH", "RUNTIMES"] in [
         line.split() for line in text.splitlines()
     ]
+    row = text.splitlines()[-1].split()
+    assert row[-1] == "wasm,process", text  # like `spear nodes`, not a JSON list
     doc = ok_json(spear_cli("status", "--json", *server))
     assert doc["health"]["status"] == "ok"
     assert [m["node_id"] for m in doc["cluster"]["members"]] == [doc["health"]["node_id"]]
+    # --json is also accepted before the command.
+    assert ok_json(spear_cli("--json", "status", *server)).keys() == doc.keys()
 
 
 def test_default_server_comes_from_the_config(spear_node: NodeProcess, spear_cli: SpearCli) -> None:
@@ -321,3 +335,39 @@ def test_tasks_survive_a_restart(
     server = ("--server", spear_node.url)
     assert ok_json(spear_cli("tasks", "get", "upper", "--json", *server)) == task
     assert spear_cli("invoke", "upper", "--data", "again", *server).stdout == b"AGAIN"
+
+
+def test_waits_beyond_the_limits_are_capped_or_refused_in_one_line(
+    spear_node: NodeProcess, spear_cli: SpearCli, tmp_path: Path
+) -> None:
+    server = ("--server", spear_node.url)
+    register_upper(spear_cli, spear_node, tmp_path)
+    huge = "99999999999999999999"  # more than a socket timeout can hold
+    invoked = spear_cli("invoke", "upper", "-d", "big", "--timeout-ms", huge, *server)
+    assert (invoked.returncode, invoked.stdout, invoked.stderr) == (0, b"BIG", b"")
+    execution_id = ok(spear_cli("invoke", "upper", "--async", *server)).strip()
+    line = failed(spear_cli("executions", "get", execution_id, "--wait-ms", huge, *server))
+    assert "wait_ms must be less than or equal to 60000" in line, line
+
+
+def test_cancel_shows_the_record_once_it_ended(
+    spear_node: NodeProcess, spear_cli: SpearCli
+) -> None:
+    server = ("--server", spear_node.url)
+    register = ("tasks", "register", "--name", "sleep", "--runtime", "process")
+    ok(spear_cli(*register, "--command", "/bin/sleep", "60", *server))
+    execution_id = ok(spear_cli("invoke", "sleep", "--async", *server)).strip()
+    wait_running(spear_node, execution_id)
+    text = ok(spear_cli("executions", "cancel", execution_id, *server))
+    assert re.search(r"^status\s+cancelled$", text, re.MULTILINE), text
+
+
+def wait_running(node: NodeProcess, execution_id: str) -> None:
+    """A bounded probe: the execution's record says it is running."""
+    for _ in range(ATTEMPTS):
+        record = httpx.get(f"{node.url}/api/v1/executions/{execution_id}", timeout=5.0).json()
+        if record["status"] == "running":
+            return
+        assert record["status"] == "pending", record
+        time.sleep(BACKOFF_S)
+    pytest.fail(f"{execution_id} did not start")

@@ -83,3 +83,16 @@ def test_promote_demote_and_refusals(
     assert "not another voter" in failed(spear_cli("cluster", "transfer-leader", "n2", *via_leader))
     assert "would leave no voter" in failed(spear_cli("cluster", "demote", "n1", *via_leader))
     assert "required: ID" in usage_error(spear_cli("cluster", "promote", *via_leader))
+
+
+def test_transfer_leader_names_the_new_leader(
+    two_nodes: tuple[NodeProcess, NodeProcess], spear_cli: SpearCli
+) -> None:
+    first, _ = two_nodes
+    n2 = wait_learner(first, "n2")
+    ok(spear_cli("cluster", "promote", "n2", "--server", first.url))
+    # Through the leader that hands over: it answers once it stepped down, before it heard
+    # from its successor; the command waits until the new leader is known.
+    lines = ok(spear_cli("cluster", "transfer-leader", "n2", "--server", first.url)).splitlines()
+    assert lines[0] == f"node n2 ({n2}) leads now", lines
+    assert lines[1].startswith(f"leader    n2 ({n2}) (term "), lines

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.subprocesses import STOP_TIMEOUT_S, SpearCli, free_port, spear_env
+from spear.cli.output import program
+from tests.subprocesses import REPO, STOP_TIMEOUT_S, SpearCli, free_port, spear_env
 
 #: the demo starts a node, compiles, uploads, registers and invokes: bounded, generous
 DEMO_READY_TIMEOUT_S = 60.0
@@ -134,3 +135,24 @@ def test_demo_port_in_use_is_one_line_exit_1(
     assert "Traceback" not in stderr
     assert stderr.startswith("spear: ") and stderr.count("\n") == 1, stderr
     assert key in stderr, stderr
+
+
+def test_commands_to_try_call_spear_as_it_was_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    venv_spear = tmp_path / "venv" / "bin" / "spear"
+    venv_spear.parent.mkdir(parents=True)
+    venv_spear.write_text("#!/bin/sh\n")
+    venv_spear.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "elsewhere"))
+    cases = [
+        (str(venv_spear), str(venv_spear)),  # `.venv/bin/spear demo`: not on PATH
+        ("spear", "spear"),  # found on PATH
+        (str(REPO / "spear" / "__main__.py"), "spear"),  # `python -m spear`
+    ]
+    for argv0, expected in cases:
+        monkeypatch.setattr(sys, "argv", [argv0, "demo"])
+        assert program() == expected
+    monkeypatch.setenv("PATH", str(venv_spear.parent))
+    monkeypatch.setattr(sys, "argv", [str(venv_spear), "demo"])
+    assert program() == "spear", "the spear on PATH is called by its name"

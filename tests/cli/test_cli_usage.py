@@ -101,6 +101,7 @@ def test_default_server_is_the_configured_gateway(spear_cli: SpearCli, tmp_path:
         ["executions", "list", "--status", "sleeping"],
         ["files", "upload", "/nonexistent/file.wasm"],
         ["status", "--server", "ftp://example.org"],
+        ["--json", "node"],
     ],
 )
 def test_usage_errors_exit_2_with_one_line(spear_cli: SpearCli, args: list[str]) -> None:
