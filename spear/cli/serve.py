@@ -100,3 +100,5 @@ def configure_logging(level: str, log_format: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # httpx logs every request at INFO: a follower would log each one it relays
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
