@@ -294,8 +294,10 @@ def test_status_shows_health_and_members(spear_node: NodeProcess, spear_cli: Spe
         line.split() for line in text.splitlines()
     ]
     row = text.splitlines()[-1].split()
-    assert row[-1] == "wasm,process", text  # like `spear nodes`, not a JSON list
     doc = ok_json(spear_cli("status", "--json", *server))
+    (member,) = doc["cluster"]["members"]
+    assert "wasm" in member["runtimes"] and "process" in member["runtimes"]
+    assert row[-1] == ",".join(member["runtimes"]), text  # like `spear nodes`, not JSON
     assert doc["health"]["status"] == "ok"
     assert [m["node_id"] for m in doc["cluster"]["members"]] == [doc["health"]["node_id"]]
     # --json is also accepted before the command.
