@@ -247,11 +247,12 @@ def _start(
     http, listen = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
     data_dir = root / name
     argv = [sys.executable, "-m", "spear", "node", "--name", name, "--data-dir", str(data_dir)]
-    argv += ["--http", http, "--listen", listen, "--join-token", token]
-    argv += ["--bootstrap-expect", str(expect)]
+    argv += ["--http", http, "--listen", listen, "--bootstrap-expect", str(expect)]
     for join in joins:
         argv += ["--join", join]
-    env = {**os.environ, "SPEAR_MESH__PROFILE": args.profile}
+    # The token in the environment, not on the command line: any user can read a process's
+    # arguments (ps), only its owner its environment.
+    env = {**os.environ, "SPEAR_MESH__PROFILE": args.profile, "SPEAR_MESH__JOIN_TOKEN": token}
     root.mkdir(parents=True, exist_ok=True)
     log = root / f"{name}.log"
     # Its own session: a Ctrl-C reaches only this command, which then stops the nodes. Its own

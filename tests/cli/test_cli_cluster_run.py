@@ -12,11 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 import httpx
+import psutil
 import pytest
 
 from tests.subprocesses import READY_ATTEMPTS, READY_BACKOFF_S, STOP_TIMEOUT_S, spear_env
@@ -111,16 +112,35 @@ def spear_cluster(tmp_path: Path, nodes: int) -> Iterator[Launcher]:
         launcher.kill_all()
 
 
-def wait_healthy(url: str) -> None:
-    """A bounded readiness probe: /health answers ok."""
+def probe(ready: Callable[[], bool], what: str) -> None:
+    """A bounded readiness probe of the real processes, with backoff."""
     delay_s, max_delay_s = READY_BACKOFF_S
     for _ in range(READY_ATTEMPTS):
-        with contextlib.suppress(httpx.TransportError, ValueError):
-            if httpx.get(f"{url}/health", timeout=1.0).json().get("status") == "ok":
+        with contextlib.suppress(httpx.TransportError, ValueError, KeyError):
+            if ready():
                 return
         time.sleep(delay_s)
         delay_s = min(delay_s * 2, max_delay_s)
-    pytest.fail(f"no node answers /health at {url}")
+    pytest.fail(what)
+
+
+def wait_healthy(url: str) -> None:
+    """/health answers ok."""
+
+    def ok() -> bool:
+        return bool(httpx.get(f"{url}/health", timeout=1.0).json().get("status") == "ok")
+
+    probe(ok, f"no node answers /health at {url}")
+
+
+def wait_members(url: str, count: int) -> None:
+    """The node at `url` sees `count` members alive."""
+
+    def seen() -> bool:
+        members = httpx.get(f"{url}/api/v1/cluster", timeout=1.0).json()["members"]
+        return bool(sum(m["state"] == "alive" for m in members) == count)
+
+    probe(seen, f"{url} does not see {count} members alive")
 
 
 def gone(pid: int) -> bool:
@@ -133,6 +153,11 @@ def gone(pid: int) -> bool:
 
 def test_a_killed_node_is_reported_and_the_others_keep_serving(tmp_path: Path) -> None:
     with spear_cluster(tmp_path, 3) as launcher:
+        token = next(line for line in launcher.stdout.seen if line.startswith("join token:"))
+        token = token.split(":", 1)[1].strip()
+        for _, pid in launcher.nodes.values():  # the token is not on any command line (ps)
+            assert token not in " ".join(psutil.Process(pid).cmdline())
+        wait_members(launcher.nodes["n3"][0], 3)  # yet they joined each other with it
         os.kill(launcher.nodes["n1"][1], signal.SIGKILL)
         line = launcher.stderr.wait_for("spear: node n1", START_TIMEOUT_S)
         assert line.startswith("spear: node n1") and "SIGKILL" in line, line
