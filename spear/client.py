@@ -256,9 +256,17 @@ class SpearClient:
     # --- executions -----------------------------------------------------------------------
 
     def list_executions(
-        self, *, task: str | None = None, status: str | None = None, limit: int | None = None
+        self,
+        *,
+        task: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        dead_letter: bool = False,
     ) -> list[Doc]:
-        params = _params(task=task, status=status, limit=limit)
+        """Execution records, newest first; `dead_letter`: the dead-letter list instead."""
+        params = _params(
+            task=task, status=status, limit=limit, dead_letter="true" if dead_letter else None
+        )
         return _items(self._json("GET", f"{API}/executions", params=params), "executions")
 
     def get_execution(self, execution_id: str, *, wait_ms: int | None = None) -> Doc:
@@ -280,6 +288,10 @@ class SpearClient:
 
     def cancel_execution(self, execution_id: str) -> Doc:
         return self._json("POST", f"{API}/executions/{_seg(execution_id)}/cancel")
+
+    def redrive_execution(self, execution_id: str) -> Doc:
+        """Run a dead-lettered async execution again, with a fresh budget of attempts."""
+        return self._json("POST", f"{API}/executions/{_seg(execution_id)}/redrive")
 
     # --- plumbing -------------------------------------------------------------------------
 

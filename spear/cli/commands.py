@@ -242,7 +242,9 @@ def _output_fields(output: bytes) -> dict[str, str]:
 
 def cmd_executions_list(args: argparse.Namespace) -> int:
     with open_client(args) as client:
-        records = client.list_executions(task=args.task, status=args.status, limit=args.limit)
+        records = client.list_executions(
+            task=args.task, status=args.status, limit=args.limit, dead_letter=args.dead_letter
+        )
     if args.json:
         print_json({"executions": records})
     else:
@@ -305,6 +307,11 @@ def cmd_executions_cancel(args: argparse.Namespace) -> int:
             flush=True,
         )
     return 0
+
+
+def cmd_executions_redrive(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        return show(args, client.redrive_execution(args.execution_id))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

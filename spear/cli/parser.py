@@ -188,6 +188,11 @@ def _add_executions(sub: Subcommands, client: Parser) -> None:
     listing.add_argument("--task", metavar="NAME", help="only this task's executions")
     listing.add_argument("--status", choices=STATUSES)
     listing.add_argument("--limit", type=int, metavar="N", help="at most N (server default 100)")
+    listing.add_argument(
+        "--dead-letter",
+        action="store_true",
+        help="the dead-letter list: async executions whose attempts ran out (see redrive)",
+    )
     get = _command(sub, "get", commands.cmd_executions_get, client, "show an execution record")
     get.add_argument("execution_id", metavar="ID")
     get.add_argument(
@@ -200,6 +205,11 @@ def _add_executions(sub: Subcommands, client: Parser) -> None:
         ("output", commands.cmd_executions_output, "write an execution's output to stdout"),
         ("logs", commands.cmd_executions_logs, "write an execution's logs to stdout"),
         ("cancel", commands.cmd_executions_cancel, "cancel a pending or running execution"),
+        (
+            "redrive",
+            commands.cmd_executions_redrive,
+            "run a dead-lettered async execution again, with a fresh budget of attempts",
+        ),
     ):
         _command(sub, name, handler, client, help_text).add_argument("execution_id", metavar="ID")
 

@@ -373,3 +373,23 @@ def wait_running(node: NodeProcess, execution_id: str) -> None:
         assert record["status"] == "pending", record
         time.sleep(BACKOFF_S)
     pytest.fail(f"{execution_id} did not start")
+
+
+def test_dead_letters_are_listed_and_redriven(
+    spear_node: NodeProcess, spear_cli: SpearCli, tmp_path: Path
+) -> None:
+    server = ("--server", spear_node.url)
+    retry = {"max_attempts": 1}
+    spec = {"name": "fails", "runtime": "process", "command": ["/bin/false"], "retry": retry}
+    (tmp_path / "fails.json").write_text(json.dumps(spec))
+    ok(spear_cli("tasks", "register", "--from-json", str(tmp_path / "fails.json"), *server))
+    execution_id = ok(spear_cli("invoke", "fails", "--async", *server)).strip()
+    ended = ("executions", "get", execution_id, "--wait-ms", "30000", "--json", *server)
+    assert ok_json(spear_cli(*ended))["dead_letter"] is True
+    listed = ok_json(spear_cli("executions", "list", "--dead-letter", "--json", *server))
+    assert [r["execution_id"] for r in listed["executions"]] == [execution_id]
+    again = ok_json(spear_cli("executions", "redrive", execution_id, "--json", *server))
+    assert (again["status"], again["dead_letter"]) == ("pending", False)
+    assert ok_json(spear_cli(*ended))["dead_letter"] is True  # it failed once more
+    refused = spear_cli("executions", "redrive", "ex-00000000000000000000", *server)
+    assert refused.returncode == 1 and b"ex-00000000000000000000" in refused.stderr
