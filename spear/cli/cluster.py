@@ -256,12 +256,29 @@ def _start(
     root.mkdir(parents=True, exist_ok=True)
     log = root / f"{name}.log"
     # Its own session: a Ctrl-C reaches only this command, which then stops the nodes. Its own
-    # log file: N nodes' lines interleaved on one terminal cannot be told apart.
+    # log file: N nodes' lines interleaved on one terminal cannot be told apart. A lifeline:
+    # should this command itself be killed outright, the kernel stops its nodes (Linux).
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_stop_with_parent,  # safe: this command runs no threads
         )
     return _Node(name, http, listen, data_dir, log, proc)
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the launcher dies (prctl PR_SET_PDEATHSIG;
+    nothing where there is no such call)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def _report(nodes: list[_Node], token: str) -> None:

@@ -181,3 +181,12 @@ def test_the_launcher_exits_1_when_every_node_is_gone(tmp_path: Path) -> None:
         assert launcher.proc.wait(timeout=LAUNCHER_STOP_TIMEOUT_S) == 1
         launcher.stderr.wait_for("none left", START_TIMEOUT_S)
         assert "every node has exited" in launcher.stderr.wait_for("spear: every", 1.0)
+
+
+def test_nodes_stop_when_the_launcher_is_killed_outright(tmp_path: Path) -> None:
+    with spear_cluster(tmp_path, 2) as launcher:
+        launcher.proc.kill()
+        launcher.proc.wait()
+        pids = [pid for _, pid in launcher.nodes.values()]
+        # the kernel sent each a SIGTERM: a clean stop
+        probe(lambda: all(gone(pid) for pid in pids), "a node outlived its launcher")
