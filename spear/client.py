@@ -27,6 +27,7 @@ from spear.errors import (
     SpearError,
     UnavailableError,
     ValidationError,
+    rebuild,
 )
 
 API = "/api/v1"
@@ -387,16 +388,11 @@ def _error_from(response: httpx.Response, base_url: str) -> SpearError:
     code = str(body.get("error", "http_error"))
     message: str = body["message"]
     kind = _ERROR_BY_CODE.get(code) or _ERROR_BY_STATUS.get(status)
-    exc: SpearError
     if kind is None:
         return ApiError(message, status=status, code=code)
-    if issubclass(kind, ValidationError):
-        field = body.get("field")
-        exc = kind(message, field=field if isinstance(field, str) else None)
-    elif issubclass(kind, UnavailableError):
-        exc = kind(message, retry_after_s=_retry_after(response))
-    else:
-        exc = kind(message)
+    field = body.get("field")
+    field = field if isinstance(field, str) else None
+    exc = rebuild(kind, message, field=field, retry_after_s=_retry_after(response))
     exc.code = code
     return exc
 

@@ -121,3 +121,19 @@ class ArtifactError(RuntimeFailure):
     """An artifact is not valid for its runtime (e.g. bytes that are not a WASM module)."""
 
     code = "bad_artifact"
+
+
+def rebuild(
+    kind: type[SpearError],
+    message: str,
+    *,
+    field: str | None = None,
+    retry_after_s: float = 1.0,
+) -> SpearError:
+    """An error of `kind` as a peer named it (an HTTP error body, a mesh refusal): the field a
+    ValidationError names, the wait an UnavailableError asks for."""
+    if issubclass(kind, ValidationError):
+        return kind(message, field=field)
+    if issubclass(kind, UnavailableError):
+        return kind(message, retry_after_s=retry_after_s)
+    return kind(message)

@@ -40,6 +40,7 @@ from spear.errors import (
     SpearError,
     UnavailableError,
     ValidationError,
+    rebuild,
 )
 from spear.mesh import LinkClosedError, PeerUnreachableError, RemoteError, RequestTimeoutError
 from spear.model import ErrorCode, ExecStatus, ExecutionRecord, NodeId, RunOutcome
@@ -90,7 +91,14 @@ SendOneWay = Callable[[str, object], None]
 _AMBIGUOUS = (LinkClosedError, RequestTimeoutError, RemoteError)
 _ERRORS: dict[str, type[SpearError]] = {
     cls.code: cls
-    for cls in (ValidationError, PayloadTooLargeError, NotFoundError, ConflictError, ArtifactError)
+    for cls in (
+        ValidationError,
+        PayloadTooLargeError,
+        NotFoundError,
+        ConflictError,
+        ArtifactError,
+        SaturatedError,
+    )
 }
 
 
@@ -414,15 +422,9 @@ def _not_sent(node_id: str, exc: SpearError) -> UnavailableError:
 
 
 def _placement_error(reply: DispatchRefused) -> SpearError:
+    kind = _ERRORS.get(reply.code, UnavailableError)
     retry_after_s = max(reply.retry_after_s, 1.0)
-    if reply.code == SaturatedError.code:
-        return SaturatedError(reply.message, retry_after_s=retry_after_s)
-    kind = _ERRORS.get(reply.code)
-    if kind is not None and issubclass(kind, ValidationError):
-        return kind(reply.message, field=reply.field or None)
-    if kind is not None:
-        return kind(reply.message)
-    return UnavailableError(reply.message, retry_after_s=retry_after_s)
+    return rebuild(kind, reply.message, field=reply.field or None, retry_after_s=retry_after_s)
 
 
 def _record(doc: bytes) -> ExecutionRecord:

@@ -69,6 +69,13 @@ def direct_of(follower: NodeHandle) -> DirectInvoke:
     return direct
 
 
+async def spin_through(url: str) -> None:
+    """One sync call of the spinning task through the node at `url`, on a client of its own
+    (cancelling it hangs up)."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        await client.post("/api/v1/tasks/spin/invoke", content=b"x")
+
+
 async def running_record(api: httpx.AsyncClient, task: str) -> dict[str, Any]:
     """The record of the task's one execution, once the leader shows it placed."""
     with trio.fail_after(20):
@@ -282,11 +289,8 @@ async def test_a_follower_lost_midway_ends_its_record_and_stops_the_run(
         async with cluster_client(follower.http_url) as api:
             await spin_and_quick(admin, api, spearlet)
 
-            async def call() -> None:
-                await api.post("/api/v1/tasks/spin/invoke", content=b"x")
-
             async with trio.open_nursery() as calls:
-                calls.start_soon(call)
+                calls.start_soon(spin_through, follower.http_url)
                 running = await running_record(admin, "spin")
                 scopes[follower.node_id].cancel()  # the follower and its client's call go
                 calls.cancel_scope.cancel()
@@ -333,11 +337,8 @@ async def test_a_follower_lost_while_the_leader_runs_its_invocation_stops_it(
         async with cluster_client(follower.http_url) as api:
             await spin_and_quick(admin, api, leader)
 
-            async def call() -> None:
-                await api.post("/api/v1/tasks/spin/invoke", content=b"x")
-
             async with trio.open_nursery() as calls:
-                calls.start_soon(call)
+                calls.start_soon(spin_through, follower.http_url)
                 running = await running_record(admin, "spin")
                 assert running["node_id"] == leader.node_id
                 await spinning_started()
@@ -357,12 +358,8 @@ async def test_a_hang_up_after_the_spearlet_heard_a_newer_term_stops_the_guest(
     async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
         await spin_and_quick(admin, api, spearlet)
 
-        async def call() -> None:
-            async with httpx.AsyncClient(base_url=follower.http_url) as impatient:
-                await impatient.post("/api/v1/tasks/spin/invoke", content=b"x")
-
         async with trio.open_nursery() as calls:
-            calls.start_soon(call)
+            calls.start_soon(spin_through, follower.http_url)
             running = await running_record(admin, "spin")
             await spinning_started()
             # The Spearlet hears of a newer term, as after a change of leader: the follower's
@@ -459,12 +456,8 @@ async def test_a_long_run_does_not_keep_the_records_that_ended_after_it(
     async with cluster_client(leader.http_url) as admin, cluster_client(follower.http_url) as api:
         await spin_and_quick(admin, api, spearlet)
 
-        async def call() -> None:
-            async with httpx.AsyncClient(base_url=follower.http_url) as impatient:
-                await impatient.post("/api/v1/tasks/spin/invoke", content=b"x")
-
         async with trio.open_nursery() as calls:
-            calls.start_soon(call)
+            calls.start_soon(spin_through, follower.http_url)
             await running_record(admin, "spin")
             for _ in range(4):
                 answer = await api.post("/api/v1/tasks/quick/invoke", content=b"q")
